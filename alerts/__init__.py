@@ -1,0 +1,1 @@
+"""Alerts: case state, trajectories, movement estimates and delivery."""

@@ -1,0 +1,112 @@
+"""Raising `stolen_sighting` alerts (PROTOCOL.md section 3), inside the group's transaction.
+
+One alert per station visit: the alert row's unique key is (case, kind,
+station, visit start), so a repeated batch, a retried transaction or a second
+worker cannot raise it twice. `update` counts the case's alerts in the case
+row, in the same transaction. The alert row doubles as the outbox entry until
+it is published (DESIGN.md decision 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from alerts.geo import movement
+from alerts.ids import new_ulid
+from registry.models import Alert, TheftCase, Vehicle, Visit
+from registry.sql import insert_ignore
+from registry.stations import StationInfo
+from registry.tags import format_tag, to_db
+
+KIND_STOLEN = "stolen_sighting"
+
+
+@dataclass(slots=True, frozen=True)
+class Sighting:
+    """A stolen tag's visit, as the pipeline hands it over."""
+
+    case_id: str
+    tag: int
+    station: str
+    visit_first_ms: int
+    stolen_ms: int
+    received_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class RaisedAlert:
+    alert_id: str
+    zone: str
+    payload: bytes
+    received_ms: int
+
+
+async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str, StationInfo],
+                      now_ms: int, late_after_ms: int) -> RaisedAlert | None:
+    """The new alert for this visit, or None if it was raised before or the case closed."""
+    station = stations.get(s.station) or StationInfo.unknown(s.station)
+    alert_id = new_ulid(now_ms)
+    inserted = await conn.execute(
+        insert_ignore(conn, Alert).values(
+            alert_id=alert_id, kind=KIND_STOLEN, case_id=s.case_id, tag=to_db(s.tag),
+            station=s.station, zone=station.zone, visit_first_ms=s.visit_first_ms, update_no=0,
+            raised_ms=now_ms, received_ms=s.received_ms, payload="")
+        .returning(Alert.alert_id))
+    if inserted.first() is None:
+        return None
+    counted = (await conn.execute(
+        update(TheftCase).where(TheftCase.case_id == s.case_id, TheftCase.status == "open")
+        .values(updates=TheftCase.updates + 1).returning(TheftCase.updates))).first()
+    if counted is None:  # recovered between the snapshot and now: no alert
+        await conn.execute(Alert.__table__.delete().where(Alert.alert_id == alert_id))
+        return None
+    vehicle = (await conn.execute(select(Vehicle.plate, Vehicle.brand, Vehicle.color)
+                                  .where(Vehicle.tag == to_db(s.tag)))).first()
+    visits = (await conn.execute(
+        select(Visit.station, Visit.first_ms, Visit.last_ms)
+        .where(Visit.tag == to_db(s.tag), Visit.last_ms >= s.stolen_ms,
+               Visit.first_ms <= s.visit_first_ms)
+        .order_by(Visit.first_ms, Visit.last_ms))).all()
+    trajectory = _trajectory(visits, s, stations)
+    prev = trajectory[-2] if len(trajectory) > 1 else None
+    speed, heading = (None, None) if prev is None else movement(
+        (prev["lat"], prev["lon"], prev["last_ms"], prev["station"]),
+        (station.lat, station.lon, s.visit_first_ms, s.station))
+    doc: dict[str, Any] = {
+        "v": 1, "alert_id": alert_id, "kind": KIND_STOLEN, "case_id": s.case_id,
+        "update": counted.updates, "tag": format_tag(s.tag),
+        "vehicle": {"plate": vehicle.plate, "brand": vehicle.brand, "color": vehicle.color}
+        if vehicle else None,
+        "station": station.as_alert(),
+        "seen_ms": s.visit_first_ms, "raised_ms": now_ms,
+        "late": now_ms - s.visit_first_ms > late_after_ms,
+        "trajectory": trajectory, "speed_kmh": speed, "heading_deg": heading,
+        "next_stations": [],
+    }
+    payload = orjson.dumps(doc)
+    await conn.execute(update(Alert).where(Alert.alert_id == alert_id)
+                       .values(update_no=counted.updates, payload=payload.decode()))
+    return RaisedAlert(alert_id, station.zone, payload, s.received_ms)
+
+
+def _trajectory(visits: Any, s: Sighting, stations: Mapping[str, StationInfo],
+                ) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for v in visits:
+        info = stations.get(v.station) or StationInfo.unknown(v.station)
+        entry = {"station": v.station, "lat": info.lat, "lon": info.lon,
+                 "first_ms": v.first_ms, "last_ms": v.last_ms}
+        if v.station == s.station and v.first_ms == s.visit_first_ms:
+            current = entry
+        else:
+            out.append(entry)
+    if current is not None:  # the contract: the last entry is the current visit
+        out.append(current)
+    return out

@@ -1,0 +1,84 @@
+"""The durable outbox: every alert row not yet published is published, once the
+broker acknowledges it, and then marked (DESIGN.md decision 4).
+
+Alerts raised by this worker arrive through `notify` right after their
+transaction commits, so the fast path needs no query; a sweep every few
+seconds picks up whatever a crash, a failed publish or another worker left
+behind. A receiver that sees an `alert_id` twice drops the repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from alerts.engine import RaisedAlert
+from registry.models import Alert
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class Outbox:
+    def __init__(self, engine: AsyncEngine, root: str, publish: Publish,
+                 clock: Callable[[], int], observe_latency: Callable[[float], None],
+                 sweep_s: float = 5.0) -> None:
+        self.engine = engine
+        self.root = root
+        self.publish = publish
+        self.clock = clock
+        self.observe_latency = observe_latency
+        self.sweep_s = sweep_s
+        self._queue: asyncio.Queue[RaisedAlert] = asyncio.Queue(maxsize=10_000)
+        self.on_published: Callable[[RaisedAlert], None] | None = None
+
+    def notify(self, alerts: list[RaisedAlert]) -> None:
+        for a in alerts:
+            try:
+                self._queue.put_nowait(a)
+            except asyncio.QueueFull:  # the sweep finds it in the table; nothing is lost
+                return
+
+    async def run(self) -> None:
+        await self._sweep(0)
+        while True:
+            try:
+                alert = await asyncio.wait_for(self._queue.get(), self.sweep_s)
+            except TimeoutError:
+                await self._sweep(self.sweep_s)
+                continue
+            await self._deliver(alert)
+
+    async def _deliver(self, alert: RaisedAlert) -> bool:
+        try:
+            await self.publish(f"{self.root}/alerts/{alert.zone}", alert.payload)
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("alert %s not published yet (%s); will retry", alert.alert_id, exc)
+            return False
+        now = self.clock()
+        self.observe_latency(max(0.0, (now - alert.received_ms) / 1000))
+        async with self.engine.begin() as conn:
+            await conn.execute(update(Alert).where(Alert.alert_id == alert.alert_id)
+                               .values(published_ms=now))
+        if self.on_published is not None:
+            self.on_published(alert)
+        return True
+
+    async def _sweep(self, older_than_s: float) -> None:
+        """Publish what is pending in the table (after a restart, or a failed publish)."""
+        cutoff = self.clock() - int(older_than_s * 1000)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(Alert.alert_id, Alert.zone, Alert.payload, Alert.received_ms)
+                .where(Alert.published_ms.is_(None), Alert.raised_ms <= cutoff,
+                       Alert.payload != "")
+                .order_by(Alert.raised_ms).limit(500))).all()
+        for r in rows:
+            if not await self._deliver(RaisedAlert(r.alert_id, r.zone, r.payload.encode(),
+                                                   r.received_ms)):
+                return

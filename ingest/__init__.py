@@ -1,0 +1,1 @@
+"""The ingest service: MQTT intake, codecs, the batch pipeline, metrics and the CLI."""

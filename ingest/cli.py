@@ -1,0 +1,270 @@
+"""The `bikewatch` command (PROTOCOL.md section 4).
+
+Exit codes: 0 done (also after a clean shutdown on SIGTERM), 1 refused,
+2 bad usage or configuration. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ingest.clock import wall_ms
+from ingest.config import Settings
+from ingest.errors import ConfigError, Reason
+from registry.errors import Refused, StoreError
+from registry.tags import BadTag, format_tag, parse_tag
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bikewatch", description="E-bike anti-theft platform")
+    p.add_argument("--config", metavar="FILE", help="TOML settings (environment overrides it)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("serve", help="run the worker, alert delivery, the HTTP API and /metrics")
+    demo = sub.add_parser("demo", help="the whole system on one machine, nothing installed")
+    demo.add_argument("--duration", type=float, default=0, metavar="S",
+                      help="stop after S seconds (default: run until Ctrl-C)")
+    demo.add_argument("--data", metavar="DIR", help="keep the SQLite file here (default: temp)")
+    demo.add_argument("--seed", type=int, default=7)
+
+    stations = sub.add_parser("stations", help="the station registry").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    stations.add_parser("import", help="CSV with id,name,lat,lon,zone").add_argument("file")
+    vehicles = sub.add_parser("vehicles", help="the vehicle registry").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    vehicles.add_parser("import", help="CSV with tag,plate,owner_name,owner_phone,brand,color"
+                        ).add_argument("file")
+
+    theft = sub.add_parser("theft", help="theft cases").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    report = theft.add_parser("report", help="put a registered vehicle on the stolen list")
+    report.add_argument("--tag", required=True, metavar="HEX")
+    report.add_argument("--case", required=True, metavar="ID")
+    report.add_argument("--stolen-at", metavar="ISO8601")
+    recover = theft.add_parser("recover", help="take a case off the stolen list")
+    recover.add_argument("--case", required=True, metavar="ID")
+
+    traj = sub.add_parser("trajectory", help="a tag's station visits")
+    traj.add_argument("--tag", required=True, metavar="HEX")
+    traj.add_argument("--since", metavar="ISO8601")
+    traj.add_argument("--json", action="store_true")
+
+    rejects = sub.add_parser("rejects", help="the newest rejected payloads and reads")
+    rejects.add_argument("--limit", type=int, default=20)
+    rejects.add_argument("--reason", choices=[r.value for r in Reason])
+    rejects.add_argument("--station")
+    rejects.add_argument("--json", action="store_true")
+
+    from simulator.cli import add_bench_parser, add_simulate_parser
+
+    add_simulate_parser(sub)
+    add_bench_parser(sub)
+    return p
+
+
+def parse_time(text: str, settings: Settings, option: str) -> int:
+    """ISO 8601 to epoch ms; a time without an offset is in the configured zone."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{option}: {text!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=settings.tz)
+    return int(when.timestamp() * 1000)
+
+
+def _tag(text: str) -> int:
+    try:
+        return parse_tag(text)
+    except BadTag as exc:
+        raise UsageError(f"--tag: {exc}") from None
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+
+
+async def _with_db(settings: Settings, job: Callable[[Any], Awaitable[int]]) -> int:
+    from registry.db import open_database
+
+    engine = await open_database(settings.db_url)
+    try:
+        return await job(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _import(settings: Settings, kind: str, path: str) -> int:
+    from registry.imports import import_stations, import_vehicles
+
+    text = _read(path)
+
+    async def job(engine: Any) -> int:
+        if kind == "stations":
+            report = await import_stations(engine, text, wall_ms())
+        else:
+            report = await import_vehicles(engine, text)
+        for line, why in report.errors:
+            print(f"{path}:{line}: {why}", file=sys.stderr)
+        print(report.summary(kind))
+        return EXIT_REFUSED if report.errors else EXIT_OK
+
+    return await _with_db(settings, job)
+
+
+async def _theft(settings: Settings, args: argparse.Namespace) -> int:
+    from registry.cases import recover_theft, report_theft
+
+    now = wall_ms()
+    if args.action == "report":
+        tag = _tag(args.tag)
+        stolen = parse_time(args.stolen_at, settings, "--stolen-at") if args.stolen_at else now
+
+        async def job(engine: Any) -> int:
+            print((await report_theft(engine, tag, args.case, stolen, now)).message)
+            return EXIT_OK
+    else:
+        async def job(engine: Any) -> int:
+            print((await recover_theft(engine, args.case, now)).message)
+            return EXIT_OK
+
+    return await _with_db(settings, job)
+
+
+async def _trajectory(settings: Settings, args: argparse.Namespace) -> int:
+    from registry.queries import trajectory
+
+    tag = _tag(args.tag)
+    since = parse_time(args.since, settings, "--since") if args.since else 0
+
+    async def job(engine: Any) -> int:
+        visits = await trajectory(engine, tag, since)
+        if args.json:
+            print(json.dumps({"tag": format_tag(tag), "visits": visits}, indent=2))
+            return EXIT_OK
+        if not visits:
+            print(f"no visits of {format_tag(tag)}")
+        for v in visits:
+            print(f"{_iso(v['first_ms'])}  {_iso(v['last_ms'])}  {v['station']:<16} "
+                  f"{v['zone']:<12} reads={v['reads']} rssi={v['best_rssi']}")
+        return EXIT_OK
+
+    return await _with_db(settings, job)
+
+
+async def _rejects(settings: Settings, args: argparse.Namespace) -> int:
+    from registry.queries import list_rejects
+
+    async def job(engine: Any) -> int:
+        rows = await list_rejects(engine, args.limit, args.reason, args.station)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return EXIT_OK
+        if not rows:
+            print("no rejects")
+        for r in rows:
+            what = f"{r['reads']} read(s)" if r["reads"] else "payload"
+            print(f"{_iso(r['received_ms'])}  {r['station']:<16} {r['reason']:<16} {what:<12} "
+                  f"boot={r['boot']} seq={r['seq']}  {r['detail']}  {r['payload_prefix'][:60]!r}")
+        return EXIT_OK
+
+    return await _with_db(settings, job)
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds")
+
+
+async def _until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
+    """Run `main(stop)`; SIGTERM and SIGINT set `stop` for a clean shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await main(stop) or EXIT_OK
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    match args.command:
+        case "serve":
+            from ingest.service import serve
+
+            async def main(stop: asyncio.Event) -> int:
+                await serve(settings, stop)
+                return EXIT_OK
+
+            return await _until_signalled(main)
+        case "demo":
+            from ingest.demo import run_demo
+
+            return await _until_signalled(lambda stop: run_demo(args, stop))
+        case "stations" | "vehicles":
+            return await _import(settings, args.command, args.file)
+        case "theft":
+            return await _theft(settings, args)
+        case "trajectory":
+            return await _trajectory(settings, args)
+        case "rejects":
+            return await _rejects(settings, args)
+        case "simulate" | "bench":
+            from simulator.cli import run_simulator_command
+
+            return await _until_signalled(lambda stop: run_simulator_command(args, settings,
+                                                                             stop))
+    raise UsageError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        settings = Settings.load(args.config, environ)
+        return asyncio.run(_run(args, settings))
+    except UsageError as exc:
+        print(f"bikewatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConfigError, StoreError) as exc:
+        print(f"bikewatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Refused as exc:
+        print(f"bikewatch: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

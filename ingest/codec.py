@@ -1,0 +1,193 @@
+"""Read-batch codecs: JSON (PROTOCOL.md 2.1) and binary (2.2) into one `ReadBatch`.
+
+`decode` either returns a batch or raises `Rejected` with the first reason of
+the 2.5 table that applies; it never raises anything else, whatever the bytes
+(a property the hypothesis tests hold it to). `encode_json` and
+`encode_binary` are what the simulator and the tests publish with.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ingest.batch import ReadBatch
+from ingest.errors import Reason, Rejected
+from registry.tags import format_tag, is_tag_text
+
+MAX_PAYLOAD = 1 << 20  # 1 MiB
+MAX_READS = 10_000
+SKEW_LIMIT_MS = 5 * 60 * 1000  # reads further ahead of our clock than this are skewed
+
+HEADER = struct.Struct("<2sBBIIQI")  # magic, version, reserved, boot, seq, base_ms, count
+RECORD = np.dtype([("tag", "<u8"), ("dt_ms", "<u4"), ("rssi", "i1"), ("ant", "u1"),
+                   ("flags", "<u2")])
+assert HEADER.size == 24 and RECORD.itemsize == 16
+
+_U32 = (1 << 32) - 1
+_I63 = (1 << 63) - 1
+_WHITESPACE = b" \t\r\n"
+_REQUIRED = ("v", "boot", "seq", "sent_ms", "reads")
+_NOT_A_READ: dict[str, object] = {"tag": "0"}  # a list item that is no object: a bad_value read
+
+
+def decode(payload: bytes, station: str, now_ms: int) -> ReadBatch:
+    """Decode one payload published on `{root}/stations/{station}/reads`."""
+    if len(payload) > MAX_PAYLOAD:
+        raise Rejected(Reason.TOO_LARGE, f"{len(payload)} bytes, limit {MAX_PAYLOAD}")
+    if payload[:2] == b"BW":
+        return _decode_binary(payload, station, now_ms)
+    if payload.lstrip(_WHITESPACE)[:1] == b"{":
+        return _decode_json(payload, station, now_ms)
+    raise Rejected(Reason.BAD_FORMAT, f"starts with {payload[:8]!r}")
+
+
+def _decode_binary(payload: bytes, station: str, now_ms: int) -> ReadBatch:
+    if len(payload) < HEADER.size:
+        if len(payload) > 2 and payload[2] != 1:
+            raise Rejected(Reason.UNKNOWN_VERSION, f"binary version {payload[2]}")
+        raise Rejected(Reason.BAD_BINARY, f"{len(payload)} bytes, shorter than the header")
+    _, version, reserved, boot, seq, base_ms, count = HEADER.unpack_from(payload)
+    if version != 1:
+        raise Rejected(Reason.UNKNOWN_VERSION, f"binary version {version}", boot=boot, seq=seq)
+    if reserved != 0 or len(payload) != HEADER.size + RECORD.itemsize * count:
+        raise Rejected(Reason.BAD_BINARY,
+                       f"length {len(payload)} for count {count}, reserved {reserved}",
+                       boot=boot, seq=seq)
+    if base_ms > _I63 - _U32:
+        raise Rejected(Reason.BAD_VALUE, f"base_ms {base_ms} out of range", boot=boot, seq=seq)
+    if count > MAX_READS:
+        raise Rejected(Reason.TOO_MANY_READS, f"{count} reads", boot=boot, seq=seq)
+    rec = np.frombuffer(payload, dtype=RECORD, offset=HEADER.size)
+    rssi = rec["rssi"]
+    good = rssi <= 0  # int8 covers -128..127; only the positive values are out of range
+    ts = rec["dt_ms"].astype(np.int64) + base_ms
+    bad = int(count - np.count_nonzero(good))
+    if bad:
+        rec, ts, rssi = rec[good], ts[good], rssi[good]
+    ts, skewed = _unskew(ts, now_ms)
+    return ReadBatch(station, boot, seq, base_ms, tag=rec["tag"].copy(), ts_ms=ts,
+                     rssi=rssi.copy(), ant=rec["ant"].copy(), flags=rec["flags"].copy(),
+                     bad_value=bad, skewed=skewed, binary=True)
+
+
+def _decode_json(payload: bytes, station: str, now_ms: int) -> ReadBatch:
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected(Reason.BAD_JSON, str(exc)[:120]) from None
+    if not isinstance(doc, dict):  # e.g. '{"a":1} [' is caught above; this is belt and braces
+        raise Rejected(Reason.BAD_JSON, "not an object")
+    v = doc.get("v")
+    boot, seq = doc.get("boot"), doc.get("seq")
+    ids = {"boot": boot if _is_int(boot) else None, "seq": seq if _is_int(seq) else None}
+    if _is_int(v) and v != 1:
+        raise Rejected(Reason.UNKNOWN_VERSION, f"v = {v}", **ids)
+    missing = [k for k in _REQUIRED if k not in doc]
+    if missing:
+        raise Rejected(Reason.MISSING_FIELD, f"missing {', '.join(missing)}", **ids)
+    reads, sent_ms, named = doc["reads"], doc["sent_ms"], doc.get("station", station)
+    if not _is_int(v):
+        raise Rejected(Reason.BAD_VALUE, f"v = {v!r}", **ids)
+    for name, value, hi in (("boot", boot, _U32), ("seq", seq, _U32), ("sent_ms", sent_ms, _I63)):
+        if not (_is_int(value) and 0 <= value <= hi):
+            raise Rejected(Reason.BAD_VALUE, f"{name} = {str(value)[:40]}", **ids)
+    if not isinstance(reads, list):
+        raise Rejected(Reason.BAD_VALUE, "reads is not a list", **ids)
+    if not isinstance(named, str):
+        raise Rejected(Reason.BAD_VALUE, "station is not a string", **ids)
+    if len(reads) > MAX_READS:
+        raise Rejected(Reason.TOO_MANY_READS, f"{len(reads)} reads", **ids)
+    if named != station:
+        raise Rejected(Reason.STATION_MISMATCH, f"payload names {named[:64]!r}", **ids)
+    return _json_reads(reads, station, boot, seq, sent_ms, now_ms)
+
+
+def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: int,
+                now_ms: int) -> ReadBatch:
+    # orjson hands us Python objects, so JSON is walked once per field here;
+    # each pass is a comprehension and the arrays are built once. Binary is the
+    # format for stations that send a lot.
+    objs = [r if type(r) is dict else _NOT_A_READ for r in reads]
+    tags = [r.get("tag") for r in objs]
+    tag_ok = np.fromiter((is_tag_text(t) for t in tags), dtype=np.bool_, count=len(objs))
+    ts_raw = [r.get("ts_ms") for r in objs]
+    rssi_raw = [r.get("rssi", 0) for r in objs]
+    ant_raw = [r.get("ant", 0) for r in objs]
+    flags_raw = [r.get("flags", 0) for r in objs]
+    value_ok = np.fromiter(
+        (_is_int(t) and 0 <= t <= _I63 and _is_int(r) and -128 <= r <= 0
+         and _is_int(a) and 0 <= a <= 255 and _is_int(f) and 0 <= f <= 0xFFFF
+         for t, r, a, f in zip(ts_raw, rssi_raw, ant_raw, flags_raw, strict=True)),
+        dtype=np.bool_, count=len(objs))
+    bad_tag = int(np.count_nonzero(~tag_ok))
+    good = tag_ok & value_ok
+    bad_value = int(np.count_nonzero(tag_ok & ~value_ok))
+    keep = np.flatnonzero(good).tolist() if bad_tag or bad_value else range(len(objs))
+    tag = np.array([int(tags[i], 16) for i in keep], dtype=np.uint64)
+    ts = np.array([ts_raw[i] for i in keep], dtype=np.int64)
+    ts, skewed = _unskew(ts, now_ms)
+    return ReadBatch(
+        station, boot, seq, sent_ms, tag=tag, ts_ms=ts,
+        rssi=np.array([rssi_raw[i] for i in keep], dtype=np.int8),
+        ant=np.array([ant_raw[i] for i in keep], dtype=np.uint8),
+        flags=np.array([flags_raw[i] for i in keep], dtype=np.uint16),
+        bad_tag=bad_tag, bad_value=bad_value, skewed=skewed)
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # bool is an int subclass; JSON true is not a number
+
+
+def _unskew(ts: np.ndarray[Any, np.dtype[np.int64]], now_ms: int,
+            ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], int]:
+    ahead = ts > now_ms + SKEW_LIMIT_MS
+    n = int(np.count_nonzero(ahead))
+    if n:
+        ts = np.where(ahead, np.int64(now_ms), ts)
+    return ts, n
+
+
+# -- encoding: what stations send (the simulator and the tests use these) --
+
+def encode_binary(boot: int, seq: int, base_ms: int, tags: Sequence[int] | np.ndarray[Any, Any],
+                  dt_ms: Sequence[int] | np.ndarray[Any, Any],
+                  rssi: Sequence[int] | np.ndarray[Any, Any] | None = None,
+                  ant: Sequence[int] | np.ndarray[Any, Any] | None = None,
+                  flags: Sequence[int] | np.ndarray[Any, Any] | None = None) -> bytes:
+    n = len(tags)
+    rec = np.zeros(n, dtype=RECORD)
+    rec["tag"] = tags
+    rec["dt_ms"] = dt_ms
+    if rssi is not None:
+        rec["rssi"] = rssi
+    if ant is not None:
+        rec["ant"] = ant
+    if flags is not None:
+        rec["flags"] = flags
+    return HEADER.pack(b"BW", 1, 0, boot, seq, base_ms, n) + rec.tobytes()
+
+
+def encode_json(boot: int, seq: int, sent_ms: int, tags: Sequence[int],
+                ts_ms: Sequence[int], rssi: Sequence[int] | None = None,
+                ant: Sequence[int] | None = None, flags: Sequence[int] | None = None,
+                station: str | None = None) -> bytes:
+    reads: list[dict[str, object]] = []
+    for i, (t, ts) in enumerate(zip(tags, ts_ms, strict=True)):
+        read: dict[str, object] = {"tag": format_tag(int(t)), "ts_ms": int(ts)}
+        if rssi is not None and rssi[i] != 0:
+            read["rssi"] = int(rssi[i])
+        if ant is not None:
+            read["ant"] = int(ant[i])
+        if flags is not None:
+            read["flags"] = int(flags[i])
+        reads.append(read)
+    doc: dict[str, object] = {"v": 1, "boot": boot, "seq": seq, "sent_ms": sent_ms,
+                              "reads": reads}
+    if station is not None:
+        doc["station"] = station
+    return orjson.dumps(doc)

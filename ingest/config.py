@@ -1,0 +1,148 @@
+"""One typed settings object, read at the edge (PROTOCOL.md section 4).
+
+`Settings.load(path, environ)` reads an optional TOML file, then lets the
+environment override it: every setting `name` has the variable
+`BIKEWATCH_<NAME>`; the four of the contract are `BIKEWATCH_MQTT_URL`,
+`BIKEWATCH_DB_URL`, `BIKEWATCH_HTTP` and `BIKEWATCH_MQTT_ROOT`. Every problem
+is a `ConfigError` naming the setting and the bad value. Nothing here is read
+at import time.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ingest.errors import ConfigError
+
+_TOPIC_LEVEL = re.compile(r"[^+#/\x00]+")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(slots=True, frozen=True)
+class MqttEndpoint:
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    db_url: str = "sqlite+aiosqlite:///bikewatch.db"
+    http: str = "127.0.0.1:8080"
+    mqtt_root: str = "bikewatch"
+    # Shared-subscription group; empty for a plain subscription (one worker, or
+    # a broker without $share such as the embedded amqtt).
+    share_group: str = "bikewatch"
+    mqtt_protocol: str = "5"          # "5" or "3.1.1" (amqtt speaks only 3.1.1)
+    client_id: str = "bikewatch-worker"
+    # Unacknowledged QoS 1 reads the broker may send us (MQTT 5 Receive
+    # Maximum): the in-flight bound of DESIGN.md decision 5, far below the
+    # 65,535 message ids, and large enough that one commit covers many batches.
+    receive_maximum: int = 2000
+    group_messages: int = 1000        # most messages folded into one transaction
+    visit_gap_s: float = 60.0         # a visit ends after this long unheard (section 3)
+    late_after_s: float = 300.0       # an alert older than this is `late`
+    heartbeat_timeout_s: float = 90.0  # 3 heartbeat intervals of 30 s
+    dedupe_hours: float = 48.0        # contract: at least 24
+    timezone: str = "UTC"             # for ISO times given without an offset
+
+    @classmethod
+    def load(cls, path: str | Path | None, environ: Mapping[str, str]) -> Settings:
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                values.update(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+            except OSError as exc:
+                raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        known = {f.name: f for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"--config {path}", f"unknown setting {key!r}")
+        for name in known:
+            env = environ.get(f"BIKEWATCH_{name.upper()}")
+            if env is not None:
+                values[name] = env
+        settings = cls()
+        for name, raw in values.items():
+            settings = replace(settings, **{name: _coerce(name, raw, getattr(cls(), name))})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        self.mqtt_endpoint()
+        self.http_address()
+        if not self.db_url.strip():
+            raise ConfigError("BIKEWATCH_DB_URL", "is empty")
+        levels = self.mqtt_root.split("/")
+        if not all(_TOPIC_LEVEL.fullmatch(level) for level in levels):
+            raise ConfigError("BIKEWATCH_MQTT_ROOT",
+                              f"{self.mqtt_root!r} is not a topic prefix (no +, # or empty levels)")
+        if self.share_group and not _NAME.fullmatch(self.share_group):
+            raise ConfigError("BIKEWATCH_SHARE_GROUP", f"{self.share_group!r} is not a group name")
+        if self.mqtt_protocol not in ("5", "3.1.1"):
+            raise ConfigError("BIKEWATCH_MQTT_PROTOCOL", f"{self.mqtt_protocol!r}: use 5 or 3.1.1")
+        if not 1 <= self.receive_maximum <= 65_000:
+            raise ConfigError("BIKEWATCH_RECEIVE_MAXIMUM",
+                              f"{self.receive_maximum} is not in 1..65000")
+        for name in ("group_messages", "visit_gap_s", "late_after_s", "heartbeat_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"BIKEWATCH_{name.upper()}", "must be positive")
+        if self.dedupe_hours < 24:
+            raise ConfigError("BIKEWATCH_DEDUPE_HOURS", "must be at least 24 (PROTOCOL.md 2.4)")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError("BIKEWATCH_TIMEZONE", f"unknown time zone {self.timezone!r}") from None
+
+    def mqtt_endpoint(self) -> MqttEndpoint:
+        bad = ConfigError("BIKEWATCH_MQTT_URL",
+                          f"{self.mqtt_url!r} is not mqtt://[user:pass@]host[:port]")
+        try:
+            url = urlsplit(self.mqtt_url)
+            port = url.port
+        except ValueError:
+            raise bad from None
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname or url.path not in ("", "/"):
+            raise bad
+        return MqttEndpoint(url.hostname, port or (8883 if url.scheme == "mqtts" else 1883),
+                            unquote(url.username) if url.username else None,
+                            unquote(url.password) if url.password else None,
+                            url.scheme == "mqtts")
+
+    def http_address(self) -> tuple[str, int]:
+        host, sep, port = self.http.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("BIKEWATCH_HTTP", f"{self.http!r} is not host:port")
+        return host.strip("[]"), int(port)
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+def _coerce(name: str, raw: object, default: object) -> object:
+    setting = f"BIKEWATCH_{name.upper()}"
+    if isinstance(default, bool) or isinstance(raw, bool):
+        raise ConfigError(setting, f"{raw!r} is not a valid value")
+    try:
+        if isinstance(default, int):
+            return int(raw)  # type: ignore[call-overload]
+        if isinstance(default, float):
+            return float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(setting, f"{raw!r} is not a number") from None
+    if not isinstance(raw, str):
+        raise ConfigError(setting, f"{raw!r} is not a string")
+    return raw

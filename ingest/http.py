@@ -1,0 +1,65 @@
+"""The HTTP API on BIKEWATCH_HTTP: `/metrics` (Prometheus text) and the operator reads.
+
+The registry's full API, with tokens and roles, is the registry issue's; here
+are the endpoints the core pipeline owes its operators.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.errors import ConfigError, Reason
+from registry.queries import list_rejects, trajectory
+from registry.tags import BadTag, parse_tag
+
+
+def build_app(engine: AsyncEngine, registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI(title="bikewatch", version="1")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/v1/rejects")
+    async def rejects(limit: int = Query(50, ge=1, le=10_000), reason: str | None = None,
+                      station: str | None = None) -> list[dict[str, Any]]:
+        if reason is not None and reason not in {r.value for r in Reason}:
+            raise HTTPException(400, f"unknown reason {reason!r}")
+        return await list_rejects(engine, limit, reason, station)
+
+    @app.get("/api/v1/trajectory/{tag}")
+    async def get_trajectory(tag: str, since_ms: int = Query(0, ge=0),
+                             ) -> list[dict[str, Any]]:
+        try:
+            value = parse_tag(tag)
+        except BadTag as exc:
+            raise HTTPException(400, str(exc)) from None
+        return await trajectory(engine, value, since_ms)
+
+    return app
+
+
+def bind(address: tuple[str, int]) -> socket.socket:
+    """Bind the listening socket ourselves, so that a taken port is a clear error."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("BIKEWATCH_HTTP", f"cannot listen on {host}:{port}: {exc.strerror}")\
+            from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

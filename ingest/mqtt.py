@@ -1,0 +1,200 @@
+"""The MQTT connection: paho-mqtt 2.x in its own network thread, handing off to asyncio.
+
+Why paho and not aiomqtt: reads must be acknowledged only after their effects
+are committed (DESIGN.md decision 3). paho 2.x has `manual_ack`; aiomqtt
+acknowledges on receipt and, with a capped queue, drops messages it has
+already acknowledged. `bikewatch bench` measures both subscribers.
+
+The network callback does one thing: append the message to the inbox (through
+`call_soon_threadsafe`) after taking a slot of a bounded semaphore. The slots
+are the in-flight bound (DESIGN.md decision 5): with MQTT 5 the broker itself
+sends no more than our Receive Maximum unacknowledged messages, so the
+semaphore never blocks there; with MQTT 3.1.1 (amqtt) a full inbox blocks the
+network thread, which stops reading the socket, and TCP pushes back on the
+broker. Either way fewer than 65,535 QoS 1 messages are ever unacknowledged.
+
+Sessions are persistent (clean_start False, a long session expiry), so a
+worker that dies with messages unacknowledged gets them again, or another
+worker of the shared subscription does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from ingest.config import Settings
+from ingest.pipeline import Inbound
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 7 * 24 * 3600  # a worker may be down for a week and still find its reads
+
+
+class Inbox:
+    """Messages from the network thread, taken by the consumer in groups."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
+        self._loop = loop
+        self._items: deque[Inbound] = deque()
+        self._ready = asyncio.Event()
+        self.slots = threading.BoundedSemaphore(capacity)
+        self.capacity = capacity
+        self.closed = False
+
+    def put_threadsafe(self, item: Inbound) -> None:
+        while not self.slots.acquire(timeout=0.5):  # backpressure: see the module docstring
+            if self.closed:
+                return
+        try:
+            self._loop.call_soon_threadsafe(self._put, item)
+        except RuntimeError:  # the loop is closed: we are shutting down, the broker keeps it
+            self.slots.release()
+
+    def _put(self, item: Inbound) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def take(self, most: int) -> list[Inbound]:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        n = min(most, len(self._items))
+        return [self._items.popleft() for _ in range(n)]
+
+    def release(self, n: int) -> None:
+        for _ in range(n):
+            self.slots.release()
+
+
+class MqttLink:
+    """One connection to the broker: subscriptions in, acknowledgements and alerts out."""
+
+    def __init__(self, settings: Settings, inbox: Inbox, clock: Callable[[], int]) -> None:
+        self.settings = settings
+        self.inbox = inbox
+        self.clock = clock
+        ep = settings.mqtt_endpoint()
+        self._ep = ep
+        v5 = settings.mqtt_protocol == "5"
+        self._v5 = v5
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else False, manual_ack=True)
+        if ep.username is not None:
+            self.client.username_pw_set(ep.username, ep.password)
+        if ep.tls:
+            self.client.tls_set()
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)  # capped backoff
+        self.client.max_inflight_messages_set(1000)  # our own QoS 1 publishes (alerts)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.connected = threading.Event()
+        self.refused: str | None = None
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending_lock = threading.Lock()
+        self._loop = asyncio.get_running_loop()
+        root = settings.mqtt_root
+        reads = f"{root}/stations/+/reads"
+        if settings.share_group:
+            reads = f"$share/{settings.share_group}/{reads}"
+        self.subscriptions = [(reads, 1), (f"{root}/stations/+/status", 1),
+                              (f"{root}/stations/+/heartbeat", 1)]
+
+    def start(self) -> None:
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            props.ReceiveMaximum = self.inbox.capacity
+        self.client.connect_async(self._ep.host, self._ep.port, keepalive=30,
+                                  clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                                  properties=props)
+        self.client.loop_start()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.connected.is_set() or self.refused:
+                break
+            await asyncio.sleep(0.05)
+        return self.connected.is_set()
+
+    def stop(self) -> None:
+        self.inbox.closed = True
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- network thread: hand off only ----------------------------------------
+
+    def _on_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode,
+                    _p: Properties | None) -> None:
+        if rc.is_failure:
+            self.refused = str(rc)
+            log.warning("broker refused the connection: %s", rc)
+            return
+        self.refused = None
+        client.subscribe(self.subscriptions)  # again after every reconnect
+        self.connected.set()
+        log.info("connected to %s:%s", self._ep.host, self._ep.port)
+
+    def _on_disconnect(self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode,
+                       _p: Properties | None) -> None:
+        self.connected.clear()
+        if rc.value != 0:
+            log.warning("disconnected from the broker (%s); reconnecting", rc)
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self.inbox.put_threadsafe(Inbound(msg.topic, msg.payload, msg.mid, msg.qos,
+                                          self.clock()))
+
+    def _on_publish(self, _c: paho.Client, _u: object, mid: int, _rc: ReasonCode,
+                    _p: Properties | None) -> None:
+        with self._pending_lock:
+            fut = self._pending.pop(mid, None)
+        if fut is not None:
+            self._loop.call_soon_threadsafe(_resolve, fut)
+
+    # -- asyncio side ----------------------------------------------------------
+
+    def ack(self, msgs: list[Inbound]) -> None:
+        """Acknowledge, in the order received (MQTT 3.1.1 4.6, MQTT 5 4.6)."""
+        for m in msgs:
+            if m.qos:
+                self.client.ack(m.mid, m.qos)
+        self.inbox.release(len(msgs))
+
+    async def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+        """Publish with QoS 1 and wait for the broker's PUBACK."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        with self._pending_lock:
+            info = self.client.publish(topic, payload, qos=1)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise ConnectionError(f"publish failed: {paho.error_string(info.rc)}")
+            self._pending[info.mid] = fut
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            with self._pending_lock:
+                self._pending.pop(info.mid, None)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

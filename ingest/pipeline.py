@@ -1,0 +1,333 @@
+"""The hot path, in one place: a group of MQTT messages in, one transaction out.
+
+    decode      every payload into a ReadBatch, or a rejection with its reason
+    dedupe      drop (station, boot, seq) seen before: memory window, then the
+                seen_batches table (the database decides; the window saves a trip)
+    match       all tags of the group against the stolen snapshot in one call
+    fold        reads into station visits (ingest.visits), upserted in one statement
+    alert       one alert per stolen tag's visit (alerts.engine), outbox row included
+    health      heartbeats, status and reads move each station's last-heard time
+
+`Pipeline.process` runs these for a group and commits once; only then may the
+caller acknowledge the group's messages to the broker (DESIGN.md decision 3).
+If the transaction fails, the in-memory state is put back as it was, and the
+caller retries the same group: nothing was acknowledged, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from sqlalchemy import bindparam, case, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from alerts.engine import KIND_STOLEN, RaisedAlert, Sighting, raise_alert
+from ingest.batch import ReadBatch
+from ingest.codec import decode
+from ingest.errors import Reason, Rejected
+from ingest.health import StationHealth, persist
+from ingest.metrics import Metrics
+from ingest.visits import NO_RSSI, Segments, VisitTracker
+from registry.imports import NAME_RE
+from registry.models import RejectRecord, SeenBatch, Station, Visit
+from registry.snapshot import StolenSet, StolenSetHolder
+from registry.sql import insert_for, insert_ignore
+from registry.stations import StationInfo
+from registry.tags import from_db, to_db
+
+log = logging.getLogger(__name__)
+
+REJECT_PAYLOAD_MAX = 64 * 1024
+_I64_MASK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+@dataclass(slots=True, frozen=True)
+class Inbound:
+    """One MQTT message as the network thread hands it over."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_ms: int
+
+
+@dataclass(slots=True)
+class GroupResult:
+    """What a committed group changed: for the metrics, the acks and the outbox."""
+
+    reads: int = 0
+    batches: int = 0
+    duplicates: int = 0
+    unknown_station_batches: int = 0
+    skewed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    rejected_reads: dict[str, int] = field(default_factory=dict)
+    alerts: list[RaisedAlert] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Decoded:
+    batches: list[tuple[ReadBatch, int, bytes]] = field(default_factory=list)
+    rejects: list[dict[str, object]] = field(default_factory=list)
+    heartbeats: list[tuple[str, int]] = field(default_factory=list)
+    statuses: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, engine: AsyncEngine, root: str, holder: StolenSetHolder,
+                 health: StationHealth, metrics: Metrics, clock: Callable[[], int], *,
+                 gap_ms: int = 60_000, late_after_ms: int = 300_000,
+                 dedupe_window: int = 1_000_000) -> None:
+        self.engine = engine
+        self.root = root.split("/")
+        self.holder = holder
+        self.health = health
+        self.metrics = metrics
+        self.clock = clock
+        self.late_after_ms = late_after_ms
+        self.tracker = VisitTracker(gap_ms)
+        self.directory: dict[str, StationInfo] = {}
+        self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+        self._seen_max = dedupe_window
+        self._alerted: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        self._recorded_unknown: set[str] = set()
+
+    # -- decode: pure, no I/O -------------------------------------------------
+
+    def _decode(self, msgs: list[Inbound], result: GroupResult) -> _Decoded:
+        out = _Decoded()
+        keys: set[tuple[str, int, int]] = set()
+        n_root = len(self.root)
+        for m in msgs:
+            levels = m.topic.split("/")
+            if len(levels) != n_root + 3 or levels[:n_root] != self.root:
+                continue  # not ours (subscriptions are exact, so this is a broker quirk)
+            station, kind = levels[n_root + 1], levels[n_root + 2]
+            if kind == "status":
+                text = m.payload.decode("utf-8", "replace").strip()
+                if text in ("online", "offline"):
+                    out.statuses.append((station, text, m.received_ms))
+                continue
+            if kind == "heartbeat":
+                out.heartbeats.append((station, m.received_ms))
+                continue
+            try:
+                if not NAME_RE.fullmatch(station):
+                    raise Rejected(Reason.BAD_VALUE, "station id in the topic breaks "
+                                   "[A-Za-z0-9._-]{1,64}")
+                batch = decode(m.payload, station, m.received_ms)
+            except Rejected as rej:
+                out.rejects.append(_reject_row(m, station[:64], rej.reason, 0, rej.detail,
+                                               rej.boot, rej.seq))
+                result.rejected[rej.reason.value] = result.rejected.get(rej.reason.value, 0) + 1
+                continue
+            for reason, count in ((Reason.BAD_TAG, batch.bad_tag),
+                                  (Reason.BAD_VALUE, batch.bad_value)):
+                if count:
+                    out.rejects.append(_reject_row(m, station, reason, count,
+                                                   f"{count} read(s) dropped", batch.boot,
+                                                   batch.seq))
+                    result.rejected_reads[reason.value] = (
+                        result.rejected_reads.get(reason.value, 0) + count)
+            if batch.key in self._seen or batch.key in keys:
+                result.duplicates += 1
+                continue
+            keys.add(batch.key)
+            out.batches.append((batch, m.received_ms, m.payload))
+        return out
+
+    # -- one transaction -------------------------------------------------------
+
+    async def process(self, msgs: list[Inbound]) -> GroupResult:
+        """Decode, write and commit a group. Raises on a database error, with the
+        in-memory state unchanged, so that the caller can retry the same group."""
+        result = GroupResult()
+        decoded = self._decode(msgs, result)
+        saved = self.tracker.saved()
+        dirty: list[dict[str, object]] = []
+        try:
+            async with self.engine.begin() as conn:
+                batches = await self._dedupe(conn, decoded.batches, result)
+                await self._stations(conn, decoded, batches, result)
+                if batches:
+                    await self._reads(conn, batches, result)
+                if decoded.rejects:
+                    await conn.execute(RejectRecord.__table__.insert(), decoded.rejects)
+                dirty = self.health.take_dirty()
+                await persist(conn, dirty)
+        except BaseException:
+            self.tracker.restore(saved)
+            self.health.mark_dirty(dirty)
+            raise
+        for batch, _, _ in decoded.batches:
+            self._seen[batch.key] = None
+        while len(self._seen) > self._seen_max:
+            self._seen.popitem(last=False)
+        self._count(result)
+        return result
+
+    async def _dedupe(self, conn: AsyncConnection, batches: list[tuple[ReadBatch, int, bytes]],
+                      result: GroupResult) -> list[tuple[ReadBatch, int, bytes]]:
+        if not batches:
+            return []
+        rows = [{"station": b.station, "boot": b.boot, "seq": b.seq, "received_ms": r}
+                for b, r, _ in batches]
+        new = {tuple(row) for row in await conn.execute(
+            insert_ignore(conn, SeenBatch).returning(SeenBatch.station, SeenBatch.boot,
+                                                     SeenBatch.seq), rows)}
+        fresh = [x for x in batches if x[0].key in new]
+        result.duplicates += len(batches) - len(fresh)
+        return fresh
+
+    async def _stations(self, conn: AsyncConnection, decoded: _Decoded,
+                        batches: list[tuple[ReadBatch, int, bytes]], result: GroupResult) -> None:
+        for station, text, at in decoded.statuses:
+            self.health.status(station, text, at)
+        for station, at in decoded.heartbeats:
+            self.health.heard(station, at)
+        for batch, received, _ in batches:
+            self.health.heard(batch.station, received)
+            info = self.directory.get(batch.station)
+            if info is None or not info.imported:
+                result.unknown_station_batches += 1
+        heard = {s for s, _, _ in decoded.statuses} | {s for s, _ in decoded.heartbeats} | {
+            b.station for b, _, _ in batches}
+        unknown = [s for s in heard if s not in self.directory and s not in self._recorded_unknown
+                   and NAME_RE.fullmatch(s)]
+        if unknown:
+            # PROTOCOL.md section 1: a station that was never imported is recorded as unknown.
+            await conn.execute(insert_ignore(conn, Station), [
+                {"id": s, "name": "", "zone": "unassigned", "imported": False} for s in unknown])
+            self._recorded_unknown.update(unknown)
+
+    async def _reads(self, conn: AsyncConnection, batches: list[tuple[ReadBatch, int, bytes]],
+                     result: GroupResult) -> None:
+        lengths = np.array([len(b) for b, _, _ in batches], dtype=np.int64)
+        tag = np.concatenate([b.tag for b, _, _ in batches])
+        ts = np.concatenate([b.ts_ms for b, _, _ in batches])
+        rssi = np.concatenate([b.rssi for b, _, _ in batches])
+        station = np.repeat(np.array([self.tracker.station_index(b.station)
+                                      for b, _, _ in batches], dtype=np.int32), lengths)
+        received = np.repeat(np.array([r for _, r, _ in batches], dtype=np.int64), lengths)
+        result.reads = len(tag)
+        result.batches = len(batches)
+        result.skewed = sum(b.skewed for b, _, _ in batches)
+        if not len(tag):
+            return
+        segs = self.tracker.fold(tag, station, ts, rssi)
+        key_first = await self._write_visits(conn, segs)
+        snapshot = self.holder.current
+        await self._alerts(conn, snapshot, tag, ts, received, segs, key_first, result)
+
+    async def _write_visits(self, conn: AsyncConnection, segs: Segments) -> np.ndarray:
+        """Upsert the segments; returns each segment's visit key (first_ms) as stored."""
+        key_first = segs.first_ms.copy()
+        tags_db = (segs.tag & _I64_MASK).view(np.int64)  # same 64 bits, signed (registry.tags)
+        rssi = segs.best_rssi
+        normal = np.flatnonzero(~segs.late)
+        rows = [{"tag": t, "station": self.tracker.station_name(s), "first_ms": f,
+                 "last_ms": la, "reads": n, "best_rssi": None if r == NO_RSSI else r}
+                for t, s, f, la, n, r in zip(
+                    tags_db[normal].tolist(), segs.station[normal].tolist(),
+                    segs.first_ms[normal].tolist(), segs.last_ms[normal].tolist(),
+                    segs.reads[normal].tolist(), rssi[normal].tolist(), strict=True)]
+        if rows:
+            await conn.execute(_visit_upsert(conn), rows)
+        for i in np.flatnonzero(segs.late).tolist():
+            key_first[i] = await self._late_segment(conn, int(tags_db[i]),
+                                                    self.tracker.station_name(int(segs.station[i])),
+                                                    int(segs.first_ms[i]), int(segs.last_ms[i]),
+                                                    int(segs.reads[i]), int(rssi[i]))
+        return key_first
+
+    async def _late_segment(self, conn: AsyncConnection, tag_db: int, station: str, first: int,
+                            last: int, reads: int, rssi: int) -> int:
+        """Fold reads that arrive after newer ones into the stored visit their time falls
+        in (PROTOCOL.md section 3), or store them as a visit of their own."""
+        gap = self.tracker.gap_ms
+        row = (await conn.execute(
+            select(Visit.id, Visit.first_ms).where(
+                Visit.tag == tag_db, Visit.station == station,
+                Visit.first_ms <= last + gap, Visit.last_ms >= first - gap)
+            .order_by(Visit.first_ms).limit(1))).first()
+        best = None if rssi == NO_RSSI else rssi
+        if row is None:
+            await conn.execute(_visit_upsert(conn), [{
+                "tag": tag_db, "station": station, "first_ms": first, "last_ms": last,
+                "reads": reads, "best_rssi": best}])
+            return first
+        await conn.execute(update(Visit).where(Visit.id == row.id).values(
+            last_ms=case((Visit.last_ms < last, last), else_=Visit.last_ms),
+            reads=Visit.reads + reads,
+            best_rssi=case((Visit.best_rssi.is_(None), best),
+                           ((best is not None) & (Visit.best_rssi < (best or 0)), best),
+                           else_=Visit.best_rssi)))
+        # The stored visit keeps its key (first_ms): alerts already raised refer to it.
+        return int(row.first_ms)
+
+    async def _alerts(self, conn: AsyncConnection, snapshot: StolenSet, tag: np.ndarray,
+                      ts: np.ndarray, received: np.ndarray, segs: Segments,
+                      key_first: np.ndarray, result: GroupResult) -> None:
+        read_idx, entry = snapshot.match(tag)
+        if not len(read_idx):
+            return
+        after = ts[read_idx] >= snapshot.stolen_at_ms[entry]  # reads before the theft don't count
+        read_idx, entry = read_idx[after], entry[after]
+        seen: set[tuple[int, int]] = set()
+        now = self.clock()
+        for r, e in zip(read_idx.tolist(), entry.tolist(), strict=True):
+            seg = int(segs.read_seg[r])
+            if (seg, e) in seen:
+                continue
+            seen.add((seg, e))
+            case_id = snapshot.case_ids[e]
+            station = self.tracker.station_name(int(segs.station[seg]))
+            key = (case_id, station, int(key_first[seg]))
+            if key in self._alerted:
+                continue
+            alert = await raise_alert(conn, Sighting(
+                case_id, int(tag[r]), station, key[2], int(snapshot.stolen_at_ms[e]),
+                int(received[r])), self.directory, now, self.late_after_ms)
+            self._alerted[key] = None
+            if len(self._alerted) > 100_000:
+                self._alerted.popitem(last=False)
+            if alert is not None:
+                result.alerts.append(alert)
+
+    def _count(self, r: GroupResult) -> None:
+        m = self.metrics
+        m.reads.inc(r.reads)
+        m.batches.inc(r.batches)
+        m.duplicates.inc(r.duplicates)
+        m.unknown_station.inc(r.unknown_station_batches)
+        m.clock_skew.inc(r.skewed)
+        for reason, n in r.rejected.items():
+            m.rejected.labels(reason).inc(n)
+        for reason, n in r.rejected_reads.items():
+            m.rejected_reads.labels(reason).inc(n)
+        m.alerts.labels(KIND_STOLEN).inc(len(r.alerts))
+
+
+def _visit_upsert(conn: AsyncConnection) -> object:
+    ins = insert_for(conn, Visit)
+    ex = ins.excluded
+    return ins.on_conflict_do_update(
+        index_elements=["tag", "station", "first_ms"],
+        set_={"last_ms": case((ex.last_ms > Visit.last_ms, ex.last_ms), else_=Visit.last_ms),
+              "reads": Visit.reads + ex.reads,
+              "best_rssi": case((Visit.best_rssi.is_(None), ex.best_rssi),
+                                (ex.best_rssi > Visit.best_rssi, ex.best_rssi),
+                                else_=Visit.best_rssi)})
+
+
+def _reject_row(m: Inbound, station: str, reason: Reason, reads: int, detail: str,
+                boot: int | None, seq: int | None) -> dict[str, object]:
+    return {"received_ms": m.received_ms, "station": station, "reason": reason.value,
+            "reads": reads, "detail": detail[:300], "boot": boot, "seq": seq,
+            "payload": m.payload[:REJECT_PAYLOAD_MAX]}

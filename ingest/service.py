@@ -1,0 +1,185 @@
+"""`bikewatch serve`: one worker, its tasks and their lifetimes.
+
+    Worker.run()  ─ TaskGroup
+        consume     inbox -> Pipeline.process (one transaction) -> ack -> outbox
+        refresh     registry version poll -> new stolen snapshot and station directory
+        outbox      publish committed alerts, mark them published
+        maintain    dedupe keys past the window, reject store past 10,000, old open visits
+        http        uvicorn: /metrics and the API
+
+Shutdown is leaving the block: `stop` is set (SIGTERM, Ctrl-C), the consumer
+finishes the group in hand (commit, then ack), the connection closes, and
+whatever was received but not acknowledged stays with the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from alerts.engine import RaisedAlert
+from alerts.outbox import Outbox
+from ingest.clock import Clock, wall_ms
+from ingest.config import Settings
+from ingest.errors import ConfigError
+from ingest.health import StationHealth
+from ingest.http import bind, build_app
+from ingest.metrics import Metrics, StationCollector
+from ingest.mqtt import Inbox, MqttLink
+from ingest.pipeline import Inbound, Pipeline
+from registry.db import open_database
+from registry.models import RejectRecord, SeenBatch
+from registry.snapshot import StolenSetHolder, load_stolen_set, registry_version
+from registry.stations import load_directory
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 0.25      # registry changes reach the hot path within a second (PROTOCOL.md 4)
+MAINTAIN_S = 30.0
+REJECTS_KEPT = 10_000
+CONNECT_TIMEOUT_S = 10.0
+
+
+class Worker:
+    def __init__(self, settings: Settings, engine: AsyncEngine, clock: Clock = wall_ms,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.clock = clock
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.health = StationHealth(int(settings.heartbeat_timeout_s * 1000), clock)
+        self.registry.register(StationCollector(self.health.rows))
+        self.holder = StolenSetHolder()
+        self.pipeline = Pipeline(engine, settings.mqtt_root, self.holder, self.health,
+                                 self.metrics, clock, gap_ms=int(settings.visit_gap_s * 1000),
+                                 late_after_ms=int(settings.late_after_s * 1000))
+        self.stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.on_alert: Callable[[RaisedAlert], None] | None = None
+        self._version = -1
+
+    async def run(self) -> None:
+        """Run until `stop` is set. Raises ConfigError if the broker cannot be reached."""
+        await self._refresh()
+        inbox = Inbox(asyncio.get_running_loop(), self.settings.receive_maximum)
+        link = MqttLink(self.settings, inbox, self.clock)
+        sock = bind(self.settings.http_address())
+        link.start()
+        try:
+            if not await link.wait_connected(CONNECT_TIMEOUT_S):
+                ep = self.settings.mqtt_endpoint()
+                why = link.refused or "no answer"
+                raise ConfigError("BIKEWATCH_MQTT_URL",
+                                  f"cannot connect to {ep.host}:{ep.port} ({why})")
+            outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
+                            self.metrics.alert_latency.observe)
+            outbox.on_published = self.on_alert
+            server = uvicorn.Server(uvicorn.Config(build_app(self.engine, self.registry),
+                                                   log_level="warning", lifespan="off"))
+            self.ready.set()
+            async with asyncio.TaskGroup() as tg:
+                consume = tg.create_task(self._consume(inbox, link, outbox), name="consume")
+                others = [
+                    tg.create_task(self._every(REFRESH_S, self._refresh), name="refresh"),
+                    tg.create_task(outbox.run(), name="outbox"),
+                    tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
+                    tg.create_task(server.serve(sockets=[sock]), name="http"),
+                ]
+                await self.stop.wait()
+                consume.cancel()  # cancellation lands only between groups, see _consume
+                server.should_exit = True
+                await asyncio.wait({consume})
+                for t in others:
+                    if t.get_name() != "http":
+                        t.cancel()
+        finally:
+            link.stop()
+            sock.close()
+
+    async def _consume(self, inbox: Inbox, link: MqttLink, outbox: Outbox) -> None:
+        while True:
+            msgs = await inbox.take(self.settings.group_messages)
+            # The group must end committed-and-acked or untouched, never halfway:
+            # shield it from cancellation, which then takes effect at the next take().
+            self.metrics.inflight.set(len(msgs) + len(inbox))
+            await asyncio.shield(self._group(msgs, link, outbox))
+
+    async def _group(self, msgs: list[Inbound], link: MqttLink, outbox: Outbox) -> None:
+        delay = 0.1
+        with self.metrics.group_seconds.time():
+            while True:
+                try:
+                    result = await self.pipeline.process(msgs)
+                    break
+                except (DBAPIError, OSError) as exc:
+                    # The database is away: keep the group unacknowledged and try again;
+                    # the broker holds everything behind it (backpressure).
+                    self.metrics.db_retries.inc()
+                    log.warning("database error, retrying in %.1fs: %s", delay,
+                                str(exc).splitlines()[0][:200])
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+        link.ack(msgs)
+        outbox.notify(result.alerts)
+
+    async def _every(self, seconds: float, job: Callable[[], object]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()  # type: ignore[misc]
+            except (DBAPIError, OSError) as exc:
+                log.warning("%s: database error: %s", getattr(job, "__name__", "job"),
+                            str(exc).splitlines()[0][:200])
+
+    async def _refresh(self) -> None:
+        """Swap in a new snapshot when the registry version moved (DESIGN.md decision 2)."""
+        async with self.engine.connect() as conn:
+            version = await registry_version(conn)
+            if version == self._version:
+                return
+            snapshot = await load_stolen_set(conn)
+            directory = await load_directory(conn)
+            await self.health.load(conn, directory)
+        self.holder.current = snapshot
+        self.pipeline.directory = directory
+        self.metrics.stolen_tags.set(len(snapshot))
+        self._version = snapshot.version
+        log.info("registry version %d: %d stolen tags, %d stations", snapshot.version,
+                 len(snapshot), len(directory))
+
+    async def _maintain(self) -> None:
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(SeenBatch).where(
+                SeenBatch.received_ms < now - int(self.settings.dedupe_hours * 3_600_000)))
+            newest = (await conn.execute(select(func.max(RejectRecord.id)))).scalar()
+            if newest is not None:
+                await conn.execute(delete(RejectRecord).where(
+                    RejectRecord.id <= newest - REJECTS_KEPT))
+        self.pipeline.tracker.prune(now - 3_600_000)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    engine = await open_database(settings.db_url)
+    try:
+        worker = Worker(settings, engine)
+        if stop is not None:
+            asyncio.get_running_loop().create_task(_relay(stop, worker.stop), name="stop-relay")
+        await worker.run()
+    finally:
+        await engine.dispose()
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        await source.wait()
+        target.set()

@@ -1,0 +1,1 @@
+"""The registry: stations, vehicles and theft cases, and the stolen-tag snapshot."""

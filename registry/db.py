@@ -1,0 +1,80 @@
+"""Engines and sessions: SQLite (WAL) by default, PostgreSQL through asyncpg.
+
+`open_database` checks the URL, connects, brings the schema up to the newest
+migration and returns the engine; any failure is a `StoreError` naming
+`BIKEWATCH_DB_URL`, which the command line turns into one line and exit 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from registry.errors import StoreError
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+SUPPORTED = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets the CLI and the HTTP API read while the worker writes;
+    # synchronous=NORMAL is durable across process crashes in WAL mode (only an
+    # OS crash can lose the last transactions), the trade SQLite's docs advise.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError(f"BIKEWATCH_DB_URL: {url!r} is not a database URL") from None
+    if parsed.drivername not in SUPPORTED:
+        raise StoreError(f"BIKEWATCH_DB_URL: driver {parsed.drivername!r} is not supported, "
+                         f"use one of {', '.join(SUPPORTED)}")
+    try:
+        if parsed.drivername.startswith("sqlite"):
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(parsed, connect_args={"timeout": 30})
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_async_engine(parsed, pool_size=5, max_overflow=5, pool_pre_ping=True)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise StoreError(f"BIKEWATCH_DB_URL: {exc}") from None
+
+
+def _upgrade(conn: Connection) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+async def open_database(url: str, *, migrate: bool = True) -> AsyncEngine:
+    """Connect, migrate to head, and return the engine; `StoreError` if unusable."""
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            if migrate:
+                await conn.run_sync(_upgrade)
+    except (DBAPIError, OSError) as exc:
+        await engine.dispose()
+        first = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+        raise StoreError(f"BIKEWATCH_DB_URL: cannot use {engine.url!r}: {first}") from None
+    return engine
+
+
+def sessions(engine: AsyncEngine) -> async_sessionmaker[Any]:
+    return async_sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,140 @@
+"""The database schema, SQLAlchemy 2 declarative. Alembic migrations in
+`registry/migrations` create exactly this; a test checks they agree.
+
+Tags are stored as signed BIGINT with the tag's 64 bits (see `registry.tags`).
+Times are integer milliseconds since the epoch, UTC, as on the wire.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary,
+                        MetaData, SmallInteger, String, Text, UniqueConstraint, text)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Station(Base):
+    __tablename__ = "stations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    lat: Mapped[float | None] = mapped_column(Float)
+    lon: Mapped[float | None] = mapped_column(Float)
+    zone: Mapped[str] = mapped_column(String(64), default="unassigned")
+    # False for a station heard from but never imported (PROTOCOL.md section 1).
+    imported: Mapped[bool] = mapped_column(Boolean, default=True)
+    imported_ms: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str | None] = mapped_column(String(16))  # last retained status payload
+    status_ms: Mapped[int | None] = mapped_column(BigInteger)
+    last_heard_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Vehicle(Base):
+    __tablename__ = "vehicles"
+    tag: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    plate: Mapped[str] = mapped_column(String(32), default="")
+    owner_name: Mapped[str] = mapped_column(String(200), default="")
+    owner_phone: Mapped[str] = mapped_column(String(40), default="")
+    brand: Mapped[str] = mapped_column(String(64), default="")
+    color: Mapped[str] = mapped_column(String(32), default="")
+
+
+class TheftCase(Base):
+    __tablename__ = "theft_cases"
+    case_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tag: Mapped[int] = mapped_column(BigInteger, ForeignKey("vehicles.tag"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | recovered
+    stolen_ms: Mapped[int] = mapped_column(BigInteger)
+    reported_ms: Mapped[int] = mapped_column(BigInteger)
+    closed_ms: Mapped[int | None] = mapped_column(BigInteger)
+    updates: Mapped[int] = mapped_column(Integer, default=0)  # alerts raised so far
+    __table_args__ = (
+        # One open case per tag, enforced by the database (partial unique index).
+        Index("uq_theft_cases_open_tag", "tag", unique=True,
+              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
+    )
+
+
+class RegistryVersion(Base):
+    """One row; bumped in the same transaction as every change the workers must see."""
+
+    __tablename__ = "registry_version"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SeenBatch(Base):
+    """Dedupe keys of PROTOCOL.md 2.4, kept at least 24 hours."""
+
+    __tablename__ = "seen_batches"
+    station: Mapped[str] = mapped_column(String(64), primary_key=True)
+    boot: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    received_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class Visit(Base):
+    """A tag's stay in range of one station (PROTOCOL.md section 3)."""
+
+    __tablename__ = "visits"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    tag: Mapped[int] = mapped_column(BigInteger)
+    station: Mapped[str] = mapped_column(String(64))
+    first_ms: Mapped[int] = mapped_column(BigInteger)
+    last_ms: Mapped[int] = mapped_column(BigInteger)
+    reads: Mapped[int] = mapped_column(Integer)
+    best_rssi: Mapped[int | None] = mapped_column(SmallInteger)
+    __table_args__ = (
+        UniqueConstraint("tag", "station", "first_ms", name="uq_visits_tag_station_first"),
+        Index("ix_visits_tag_first", "tag", "first_ms"),
+    )
+
+
+class Alert(Base):
+    """Every alert raised, and the outbox of its delivery (`published_ms` null: pending)."""
+
+    __tablename__ = "alerts"
+    alert_id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    case_id: Mapped[str] = mapped_column(String(64), index=True)
+    tag: Mapped[int] = mapped_column(BigInteger)
+    station: Mapped[str] = mapped_column(String(64))
+    zone: Mapped[str] = mapped_column(String(64))
+    visit_first_ms: Mapped[int] = mapped_column(BigInteger)
+    update_no: Mapped[int] = mapped_column(Integer)
+    raised_ms: Mapped[int] = mapped_column(BigInteger)
+    received_ms: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[str] = mapped_column(Text)
+    published_ms: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    __table_args__ = (
+        # One alert per visit and kind: a repeated batch cannot raise it twice.
+        UniqueConstraint("case_id", "kind", "station", "visit_first_ms",
+                         name="uq_alerts_visit"),
+    )
+
+
+class RejectRecord(Base):
+    """The bounded reject store of PROTOCOL.md 2.5 (newest 10,000, payloads cut to 64 KiB)."""
+
+    __tablename__ = "rejects"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    received_ms: Mapped[int] = mapped_column(BigInteger)
+    station: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(32))
+    reads: Mapped[int] = mapped_column(Integer, default=1)  # reads dropped; 0 for a payload
+    detail: Mapped[str] = mapped_column(String(300))
+    boot: Mapped[int | None] = mapped_column(BigInteger)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)

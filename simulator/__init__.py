@@ -1,0 +1,1 @@
+"""A simulated town that publishes real station traffic, and the benchmarks."""
