@@ -1,0 +1,76 @@
+"""Test session fixtures: a broker of the session's own, and SQLite and PostgreSQL databases.
+
+Under CI=true a PostgreSQL that cannot be reached fails the run instead of
+skipping its tests (the brief: the storage layer is tested on both).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.broker import BrokerHandle, start_broker
+from registry.db import open_database
+
+PG_HOST = os.environ.get("BIKEWATCH_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("BIKEWATCH_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("BIKEWATCH_TEST_PG_USER", "postgres")
+PG_DB = os.environ.get("BIKEWATCH_TEST_PG_DB", "test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerHandle]:
+    handle = start_broker()
+    yield handle
+    handle.stop()
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=PG_DB,
+                                 timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _fresh_pg() -> str:
+    name = f"bikewatch_t_{uuid.uuid4().hex[:12]}"
+    try:
+        await _pg_admin(f'CREATE DATABASE "{name}"')
+    except (OSError, Exception) as exc:  # asyncpg raises many kinds; any means "not usable"
+        msg = f"PostgreSQL on {PG_HOST}:{PG_PORT} database {PG_DB} not usable: {exc}"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return name
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'bikewatch.db'}"
+        return
+    name = await _fresh_pg()
+    yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = await open_database(db_url)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'bikewatch.db'}"

@@ -1,0 +1,100 @@
+"""Test helpers: a worker in the test's event loop, a police receiver, settings per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ingest.broker import BrokerHandle, free_port
+from ingest.config import Settings
+from ingest.service import Worker
+from registry.db import open_database
+from simulator.publisher import StationPublisher
+
+
+def settings_for(broker: BrokerHandle, db_url: str, **extra: str) -> Settings:
+    """Settings with a topic root, client id and HTTP port of this test's own."""
+    uid = uuid.uuid4().hex[:8]
+    env = broker.settings_overrides() | {
+        "BIKEWATCH_DB_URL": db_url, "BIKEWATCH_MQTT_ROOT": f"t{uid}/town",
+        "BIKEWATCH_CLIENT_ID": f"worker-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}",
+    } | extra
+    return Settings.load(None, env)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    engine = await open_database(settings.db_url)
+    worker = Worker(settings, engine)
+    task = asyncio.create_task(worker.run(), name="worker-under-test")
+    ready = asyncio.create_task(worker.ready.wait())
+    await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        await task  # raises what stopped it
+    try:
+        yield worker
+    finally:
+        worker.stop.set()
+        await asyncio.wait_for(task, 15)
+        await engine.dispose()
+
+
+class Police:
+    """A police integration: subscribes to alert topics and keeps what arrives."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        ep = settings.mqtt_endpoint()
+        self.alerts: list[dict[str, object]] = []
+        self.topics: list[str] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=f"police-{uuid.uuid4().hex[:8]}")
+        if ep.username:
+            self.client.username_pw_set(ep.username, ep.password)
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect(ep.host, ep.port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "police subscriber did not subscribe"
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.alerts.append(orjson.loads(msg.payload))
+            self.topics.append(msg.topic)
+
+    async def wait_for(self, n: int, timeout: float = 10.0) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.alerts) < n:
+            await asyncio.sleep(0.02)
+        with self._lock:
+            return list(self.alerts)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def publisher(settings: Settings) -> StationPublisher:
+    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root,
+                           client_id=f"station-{uuid.uuid4().hex[:8]}")
+    pub.connect()
+    return pub
+
+
+async def until(predicate: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.02)
+    return False

@@ -1,0 +1,161 @@
+"""Codecs: round trips, every rejection reason and its precedence, and never an exception."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.codec import HEADER, MAX_PAYLOAD, decode, encode_binary, encode_json
+from ingest.errors import Reason, Rejected
+
+NOW = 1_763_803_800_000
+CORPUS = Path(__file__).with_name("corpus")
+
+reads_strategy = st.lists(
+    st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 10_000_000),
+              st.integers(-128, 0), st.integers(0, 255), st.integers(0, 0xFFFF)),
+    max_size=60)
+
+
+def _reason(payload: bytes, station: str = "S1") -> Reason:
+    with pytest.raises(Rejected) as info:
+        decode(payload, station, NOW)
+    return info.value.reason
+
+
+def _json(**doc: object) -> bytes:
+    base: dict[str, object] = {"v": 1, "boot": 1, "seq": 1, "sent_ms": NOW, "reads": []}
+    base.update(doc)
+    return orjson.dumps({k: v for k, v in base.items() if v is not ...})
+
+
+class TestRoundTrip:
+    @given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), reads_strategy)
+    def test_binary_batch_decodes_to_what_was_encoded(self, boot: int, seq: int,
+                                                      reads: list[tuple[int, ...]]) -> None:
+        base = NOW - 10_000_000
+        cols = list(zip(*reads, strict=True)) if reads else [[], [], [], [], []]
+        payload = encode_binary(boot, seq, base, *cols)
+        b = decode(payload, "S1", NOW)
+        assert (b.station, b.boot, b.seq) == ("S1", boot, seq)
+        assert b.tag.tolist() == list(cols[0])
+        assert b.ts_ms.tolist() == [base + d for d in cols[1]]
+        assert b.rssi.tolist() == list(cols[2])
+        assert b.ant.tolist() == list(cols[3]) and b.flags.tolist() == list(cols[4])
+        assert b.bad_tag == b.bad_value == b.skewed == 0
+
+    @given(st.integers(0, 2**32 - 1), reads_strategy)
+    def test_json_batch_decodes_to_what_was_encoded(self, seq: int,
+                                                    reads: list[tuple[int, ...]]) -> None:
+        cols = list(zip(*reads, strict=True)) if reads else [[], [], [], [], []]
+        ts = [NOW - 10_000_000 + d for d in cols[1]]
+        payload = encode_json(3, seq, NOW, cols[0], ts, cols[2], cols[3], cols[4], station="S1")
+        b = decode(payload, "S1", NOW)
+        assert b.tag.tolist() == list(cols[0]) and b.ts_ms.tolist() == ts
+        assert b.rssi.tolist() == list(cols[2]) and b.flags.tolist() == list(cols[4])
+
+
+class TestNeverRaises:
+    @given(st.binary(max_size=400))
+    @settings(max_examples=400)
+    def test_any_bytes_decode_or_reject(self, payload: bytes) -> None:
+        for p in (payload, b"BW" + payload, b"{" + payload, b'{"v":1' + payload):
+            try:
+                decode(p, "S1", NOW)
+            except Rejected as rej:
+                assert rej.reason in Reason
+
+    @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                        lambda kids: st.lists(kids, max_size=4)
+                        | st.dictionaries(st.sampled_from(
+                            ["v", "boot", "seq", "sent_ms", "reads", "station", "tag", "ts_ms",
+                             "rssi", "ant", "flags"]), kids, max_size=6), max_leaves=30))
+    @settings(max_examples=400)
+    def test_any_json_document_decodes_or_rejects(self, doc: object) -> None:
+        try:
+            payload = orjson.dumps(doc)
+        except (TypeError, orjson.JSONEncodeError):
+            return
+        try:
+            batch = decode(payload, "S1", NOW)
+        except Rejected as rej:
+            assert rej.reason in Reason
+        else:
+            assert len(batch) + batch.bad_tag + batch.bad_value == len(doc["reads"])  # type: ignore[index, arg-type]
+
+    def test_fuzz_corpus(self) -> None:
+        files = sorted(CORPUS.iterdir())
+        assert len(files) >= 20
+        outcomes = set()
+        for f in files:
+            try:
+                decode(f.read_bytes(), "S1", NOW)
+                outcomes.add("ok")
+            except Rejected as rej:
+                outcomes.add(rej.reason.value)
+        assert {"ok", "bad_json", "bad_binary", "bad_format"} <= outcomes
+
+
+class TestRejections:
+    @pytest.mark.parametrize(("payload", "reason"), [
+        (b"{" + b" " * MAX_PAYLOAD, Reason.TOO_LARGE),
+        (b"[1, 2]", Reason.BAD_FORMAT),
+        (b"", Reason.BAD_FORMAT),
+        (b"hello", Reason.BAD_FORMAT),
+        (b'  {"v": 1,', Reason.BAD_JSON),
+        (b'{"v": 1, "x": "\xff"}', Reason.BAD_JSON),
+        (_json(v=2), Reason.UNKNOWN_VERSION),
+        (_json(v=2, boot=...), Reason.UNKNOWN_VERSION),  # precedence over missing_field
+        (HEADER.pack(b"BW", 2, 0, 1, 1, NOW, 0), Reason.UNKNOWN_VERSION),
+        (HEADER.pack(b"BW", 1, 1, 1, 1, NOW, 0), Reason.BAD_BINARY),
+        (HEADER.pack(b"BW", 1, 0, 1, 1, NOW, 2) + b"\0" * 16, Reason.BAD_BINARY),
+        (b"BW\x01", Reason.BAD_BINARY),
+        (_json(seq=...), Reason.MISSING_FIELD),
+        (_json(v="1"), Reason.BAD_VALUE),
+        (_json(v=True), Reason.BAD_VALUE),
+        (_json(boot=-1), Reason.BAD_VALUE),
+        (_json(seq=2**32), Reason.BAD_VALUE),
+        (_json(reads={}), Reason.BAD_VALUE),
+        (_json(reads=[{}] * 10_001), Reason.TOO_MANY_READS),
+        (_json(reads=[{}] * 10_001, boot="x"), Reason.BAD_VALUE),  # precedence
+        (HEADER.pack(b"BW", 1, 0, 1, 1, NOW, 10_001) + b"\0" * 16 * 10_001,
+         Reason.TOO_MANY_READS),
+        (_json(station="S2"), Reason.STATION_MISMATCH),
+    ])
+    def test_reason(self, payload: bytes, reason: Reason) -> None:
+        assert _reason(payload) is reason
+
+    def test_rejection_keeps_boot_and_seq(self) -> None:
+        with pytest.raises(Rejected) as info:
+            decode(_json(boot=9, seq=4, station="other"), "S1", NOW)
+        assert (info.value.boot, info.value.seq) == (9, 4)
+
+    def test_bad_reads_are_dropped_alone(self) -> None:
+        reads = [{"tag": "00a1b2c3", "ts_ms": NOW}, {"tag": "0x12", "ts_ms": NOW},
+                 {"tag": "12345678901234567", "ts_ms": NOW}, {"tag": "ab", "ts_ms": "1"},
+                 {"tag": "ab"}, {"tag": "ab", "ts_ms": NOW, "rssi": 5}, 7,
+                 {"tag": "AB", "ts_ms": NOW, "ant": 255, "flags": 65535, "rssi": -128}]
+        b = decode(_json(reads=reads), "S1", NOW)
+        assert b.tag.tolist() == [0xA1B2C3, 0xAB]
+        assert (b.bad_tag, b.bad_value) == (2, 4)
+
+    def test_binary_positive_rssi_is_a_bad_read(self) -> None:
+        b = decode(encode_binary(1, 1, NOW, [1, 2], [0, 0], [-40, 5]), "S1", NOW)
+        assert b.tag.tolist() == [1] and b.bad_value == 1
+
+    def test_clock_skewed_reads_take_the_receive_time(self) -> None:
+        ahead = NOW + 5 * 60_000 + 1
+        b = decode(encode_binary(1, 1, NOW, [1, 2], [0, ahead - NOW]), "S1", NOW)
+        assert b.ts_ms.tolist() == [NOW, NOW] and b.skewed == 1
+        assert decode(encode_binary(1, 1, NOW, [1], [5 * 60_000]), "S1", NOW).skewed == 0
+
+
+def test_decoded_columns_have_the_documented_types() -> None:
+    b = decode(encode_binary(1, 1, NOW, [1], [0]), "S1", NOW)
+    assert (b.tag.dtype, b.ts_ms.dtype, b.rssi.dtype, b.ant.dtype, b.flags.dtype) == (
+        np.uint64, np.int64, np.int8, np.uint8, np.uint16)

@@ -1,0 +1,111 @@
+"""Registry storage on SQLite and PostgreSQL: migrations, imports, theft cases, snapshot."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from registry.cases import recover_theft, report_theft
+from registry.errors import Refused, StoreError
+from registry.db import open_database
+from registry.imports import import_stations, import_vehicles
+from registry.models import Base, TheftCase
+from registry.snapshot import load_stolen_set
+from registry.tags import to_db
+
+NOW = 1_763_803_800_000
+STATIONS = """id,name,lat,lon,zone,installed
+SP-0001,Harbour Rd / 3rd St,28.73,121.55,shangpan,2025
+SP-0002,Market,28.74,121.56,shangpan,2025
+SP-0003,No coordinates,,,xiaozhi,2025
+"""
+VEHICLES = """tag,plate,owner_name,owner_phone,brand,color
+00a1b2c3,ZJ-J12345,Li Lei,13800001234,Yadea,white
+FFFFFFFFFFFFFFFF,ZJ-J2,Han Meimei,13900001234,Niu,black
+"""
+
+
+class TestMigrations:
+    async def test_schema_matches_the_models(self, engine: AsyncEngine) -> None:
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert set(Base.metadata.tables) <= tables
+
+    async def test_migrating_twice_is_harmless(self, db_url: str, engine: AsyncEngine) -> None:
+        again = await open_database(db_url)
+        await again.dispose()
+
+    async def test_unusable_database_names_the_setting(self) -> None:
+        with pytest.raises(StoreError, match="BIKEWATCH_DB_URL"):
+            await open_database("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+        with pytest.raises(StoreError, match="BIKEWATCH_DB_URL"):
+            await open_database("mysql://x/y")
+
+
+class TestImports:
+    async def test_same_file_twice_changes_nothing(self, engine: AsyncEngine) -> None:
+        first = await import_stations(engine, STATIONS, NOW)
+        second = await import_stations(engine, STATIONS, NOW)
+        assert (first.added, first.errors) == (3, [])
+        assert (second.added, second.updated, second.unchanged) == (0, 0, 3)
+        v1 = await import_vehicles(engine, VEHICLES)
+        v2 = await import_vehicles(engine, VEHICLES)
+        assert (v1.added, v2.unchanged) == (2, 2)
+
+    async def test_changed_row_is_updated(self, engine: AsyncEngine) -> None:
+        await import_stations(engine, STATIONS, NOW)
+        report = await import_stations(engine, STATIONS.replace("Market", "Old Market"), NOW)
+        assert (report.updated, report.unchanged) == (1, 2)
+
+    async def test_bad_rows_are_reported_with_line_and_reason(self, engine: AsyncEngine) -> None:
+        text = (VEHICLES + "0xab,P,N,1,B,C\n" + "zz,P,N,1,B,C\n" + "12345678901234567,P,N,1,B,C\n"
+                + "00A1B2C3,dup,N,1,B,C\n" + "abc,P\n")
+        report = await import_vehicles(engine, text)
+        assert report.added == 2
+        assert [line for line, _ in report.errors] == [4, 5, 6, 7, 8]
+        assert "duplicate tag, first at line 2" in report.errors[3][1]
+        bad = await import_stations(engine, STATIONS + "bad id!,x,1,1,z\nSP-9,x,91,1,z\n"
+                                    "SP-8,x,1,,z\n", NOW)
+        assert [line for line, _ in bad.errors] == [5, 6, 7]
+
+    async def test_missing_columns_refuse_the_file(self, engine: AsyncEngine) -> None:
+        with pytest.raises(Refused, match="lacks the column"):
+            await import_vehicles(engine, "tag,plate\n1,2\n")
+
+
+class TestCases:
+    async def test_report_and_recover_move_the_snapshot(self, engine: AsyncEngine) -> None:
+        await import_vehicles(engine, VEHICLES)
+        await report_theft(engine, 0xFFFFFFFFFFFFFFFF, "LH-1", NOW - 1000, NOW)
+        async with engine.connect() as conn:
+            snap = await load_stolen_set(conn)
+        assert snap.tags.tolist() == [0xFFFFFFFFFFFFFFFF] and snap.case_ids == ("LH-1",)
+        assert snap.stolen_at_ms.tolist() == [NOW - 1000]
+        again = await report_theft(engine, 0xFFFFFFFFFFFFFFFF, "LH-1", NOW - 1000, NOW)
+        assert not again.changed
+        assert (await recover_theft(engine, "LH-1", NOW)).changed
+        async with engine.connect() as conn:
+            after = await load_stolen_set(conn)
+        assert len(after) == 0 and after.version > snap.version
+
+    async def test_refusals(self, engine: AsyncEngine) -> None:
+        await import_vehicles(engine, VEHICLES)
+        with pytest.raises(Refused, match="not registered"):
+            await report_theft(engine, 0x1234, "LH-1", NOW, NOW)
+        with pytest.raises(Refused, match="unknown case"):
+            await recover_theft(engine, "LH-404", NOW)
+        await report_theft(engine, 0xA1B2C3, "LH-1", NOW, NOW)
+        with pytest.raises(Refused, match="already reported stolen under case LH-1"):
+            await report_theft(engine, 0xA1B2C3, "LH-2", NOW, NOW)
+
+    async def test_one_open_case_per_tag_is_a_database_constraint(
+            self, engine: AsyncEngine) -> None:
+        await import_vehicles(engine, VEHICLES)
+        row = {"tag": to_db(0xA1B2C3), "status": "open", "stolen_ms": NOW, "reported_ms": NOW,
+               "updates": 0}
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(TheftCase.__table__.insert(), [
+                    row | {"case_id": "A"}, row | {"case_id": "B"}])
