@@ -1,0 +1,114 @@
+"""The command line as scripts use it: exit codes 0/1/2, one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ingest.broker import BrokerHandle, free_port
+
+
+def bw(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+       timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full = os.environ | (env or {})
+    return subprocess.run([sys.executable, "-m", "ingest.cli", *args], capture_output=True,
+                          text=True, env=full, cwd=cwd, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) >= 1
+    for w in words:
+        assert w in proc.stderr
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"BIKEWATCH_DB_URL": f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"}
+
+
+class TestRegistryCommands:
+    def test_import_report_recover(self, tmp_path: Path, env: dict[str, str]) -> None:
+        (tmp_path / "s.csv").write_text("id,name,lat,lon,zone\nSP-1,A,28.7,121.5,z1\n"
+                                        "bad id,B,1,1,z\n")
+        (tmp_path / "v.csv").write_text("tag,plate,owner_name,owner_phone,brand,color\n"
+                                        "00a1b2c3,P,N,1,B,C\n")
+        p = bw("stations", "import", str(tmp_path / "s.csv"), env=env)
+        assert_clean_error(p, 1, "s.csv:3: bad station id")
+        assert "1 added" in p.stdout
+        again = bw("stations", "import", str(tmp_path / "s.csv"), env=env)
+        assert "0 added, 0 updated, 1 unchanged" in again.stdout
+        assert bw("vehicles", "import", str(tmp_path / "v.csv"), env=env).returncode == 0
+        ok = bw("theft", "report", "--tag", "00A1B2C3", "--case", "LH-1",
+                "--stolen-at", "2026-11-22T03:10", env=env)
+        assert ok.returncode == 0 and "LH-1 opened" in ok.stdout
+        assert_clean_error(bw("theft", "report", "--tag", "ffff", "--case", "LH-2", env=env),
+                           1, "not registered")
+        assert bw("theft", "recover", "--case", "LH-1", env=env).returncode == 0
+        assert_clean_error(bw("theft", "recover", "--case", "LH-9", env=env), 1, "unknown case")
+        assert bw("trajectory", "--tag", "00a1b2c3", env=env).returncode == 0
+        assert bw("rejects", env=env).stdout.strip() == "no rejects"
+
+    @pytest.mark.parametrize("args", [
+        ("theft", "report", "--tag", "0x12", "--case", "C"),
+        ("theft", "report", "--tag", "12345678901234567", "--case", "C"),
+        ("theft", "report", "--tag", "ab", "--case", "C", "--stolen-at", "yesterday"),
+        ("stations", "import", "/nonexistent.csv"),
+        ("frobnicate",),
+        (),
+    ])
+    def test_bad_usage_exits_2(self, args: tuple[str, ...], env: dict[str, str]) -> None:
+        assert_clean_error(bw(*args, env=env), 2)
+
+
+class TestConfiguration:
+    @pytest.mark.parametrize(("var", "value"), [
+        ("BIKEWATCH_MQTT_URL", "http://x"), ("BIKEWATCH_HTTP", "8080"),
+        ("BIKEWATCH_DB_URL", "mysql://x/y"), ("BIKEWATCH_MQTT_ROOT", "a/+/b"),
+        ("BIKEWATCH_RECEIVE_MAXIMUM", "70000"), ("BIKEWATCH_TIMEZONE", "Mars/Base"),
+    ])
+    def test_bad_setting_is_one_line_naming_it(self, var: str, value: str,
+                                               env: dict[str, str]) -> None:
+        p = bw("serve", env=env | {var: value})
+        assert_clean_error(p, 2, var)
+        assert len(p.stderr.strip().splitlines()) == 1
+
+    def test_unreachable_database(self) -> None:
+        p = bw("serve", env={"BIKEWATCH_DB_URL": "postgresql+asyncpg://x@127.0.0.1:1/db"})
+        assert_clean_error(p, 2, "BIKEWATCH_DB_URL")
+
+    def test_unreachable_broker(self, env: dict[str, str]) -> None:
+        p = bw("serve", env=env | {"BIKEWATCH_MQTT_URL": f"mqtt://127.0.0.1:{free_port()}",
+                                   "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}"})
+        assert_clean_error(p, 2, "BIKEWATCH_MQTT_URL", "cannot connect")
+
+    def test_toml_file_and_environment_override(self, tmp_path: Path,
+                                                env: dict[str, str]) -> None:
+        cfg = tmp_path / "bw.toml"
+        cfg.write_text('mqtt_root = "a/b"\nvisit_gap_s = "x"\n')
+        assert_clean_error(bw("--config", str(cfg), "serve", env=env), 2, "VISIT_GAP_S")
+        cfg.write_text('nonsense = 1\n')
+        assert_clean_error(bw("--config", str(cfg), "serve", env=env), 2, "nonsense")
+
+
+@pytest.mark.broker
+def test_serve_stops_cleanly_on_sigterm(broker: BrokerHandle, env: dict[str, str]) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest.cli", "serve"], stderr=subprocess.PIPE, text=True,
+        env=os.environ | env | broker.settings_overrides() | {
+            "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}", "BIKEWATCH_CLIENT_ID": "sigterm"})
+    time.sleep(3)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
