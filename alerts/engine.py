@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from alerts.geo import movement
@@ -64,7 +64,7 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
         update(TheftCase).where(TheftCase.case_id == s.case_id, TheftCase.status == "open")
         .values(updates=TheftCase.updates + 1).returning(TheftCase.updates))).first()
     if counted is None:  # recovered between the snapshot and now: no alert
-        await conn.execute(Alert.__table__.delete().where(Alert.alert_id == alert_id))
+        await conn.execute(delete(Alert).where(Alert.alert_id == alert_id))
         return None
     vehicle = (await conn.execute(select(Vehicle.plate, Vehicle.brand, Vehicle.color)
                                   .where(Vehicle.tag == to_db(s.tag)))).first()

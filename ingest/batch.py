@@ -46,7 +46,7 @@ class ReadBatch:
 
     def __post_init__(self) -> None:
         n = len(self.tag)
-        if not all(len(c) == n for c in (self.ts_ms, self.rssi, self.ant, self.flags)):
+        if not (len(self.ts_ms) == len(self.rssi) == len(self.ant) == len(self.flags) == n):
             raise ValueError("ReadBatch columns differ in length")
 
     def __len__(self) -> int:

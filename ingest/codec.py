@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 import orjson
@@ -26,7 +26,8 @@ SKEW_LIMIT_MS = 5 * 60 * 1000  # reads further ahead of our clock than this are 
 HEADER = struct.Struct("<2sBBIIQI")  # magic, version, reserved, boot, seq, base_ms, count
 RECORD = np.dtype([("tag", "<u8"), ("dt_ms", "<u4"), ("rssi", "i1"), ("ant", "u1"),
                    ("flags", "<u2")])
-assert HEADER.size == 24 and RECORD.itemsize == 16
+assert HEADER.size == 24
+assert RECORD.itemsize == 16
 
 _U32 = (1 << 32) - 1
 _I63 = (1 << 63) - 1
@@ -64,14 +65,16 @@ def _decode_binary(payload: bytes, station: str, now_ms: int) -> ReadBatch:
         raise Rejected(Reason.TOO_MANY_READS, f"{count} reads", boot=boot, seq=seq)
     rec = np.frombuffer(payload, dtype=RECORD, offset=HEADER.size)
     rssi = rec["rssi"]
-    good = rssi <= 0  # int8 covers -128..127; only the positive values are out of range
     ts = rec["dt_ms"].astype(np.int64) + base_ms
-    bad = int(count - np.count_nonzero(good))
-    if bad:
+    bad = 0
+    if count and rssi.max() > 0:  # int8 covers -128..127; only positive values are out of range
+        good = rssi <= 0
+        bad = int(count - np.count_nonzero(good))
         rec, ts, rssi = rec[good], ts[good], rssi[good]
     ts, skewed = _unskew(ts, now_ms)
-    return ReadBatch(station, boot, seq, base_ms, tag=rec["tag"].copy(), ts_ms=ts,
-                     rssi=rssi.copy(), ant=rec["ant"].copy(), flags=rec["flags"].copy(),
+    # Field views into the payload, not copies: `bytes` is immutable, so they stay valid.
+    return ReadBatch(station, boot, seq, base_ms, tag=rec["tag"], ts_ms=ts,
+                     rssi=rssi, ant=rec["ant"], flags=rec["flags"],
                      bad_value=bad, skewed=skewed, binary=True)
 
 
@@ -104,7 +107,7 @@ def _decode_json(payload: bytes, station: str, now_ms: int) -> ReadBatch:
         raise Rejected(Reason.TOO_MANY_READS, f"{len(reads)} reads", **ids)
     if named != station:
         raise Rejected(Reason.STATION_MISMATCH, f"payload names {named[:64]!r}", **ids)
-    return _json_reads(reads, station, boot, seq, sent_ms, now_ms)
+    return _json_reads(reads, station, cast(int, boot), cast(int, seq), sent_ms, now_ms)
 
 
 def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: int,
@@ -128,7 +131,7 @@ def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: in
     good = tag_ok & value_ok
     bad_value = int(np.count_nonzero(tag_ok & ~value_ok))
     keep = np.flatnonzero(good).tolist() if bad_tag or bad_value else range(len(objs))
-    tag = np.array([int(tags[i], 16) for i in keep], dtype=np.uint64)
+    tag = np.array([int(cast(str, tags[i]), 16) for i in keep], dtype=np.uint64)
     ts = np.array([ts_raw[i] for i in keep], dtype=np.int64)
     ts, skewed = _unskew(ts, now_ms)
     return ReadBatch(
@@ -139,17 +142,16 @@ def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: in
         bad_tag=bad_tag, bad_value=bad_value, skewed=skewed)
 
 
-def _is_int(x: object) -> bool:
+def _is_int(x: object) -> TypeGuard[int]:
     return type(x) is int  # bool is an int subclass; JSON true is not a number
 
 
 def _unskew(ts: np.ndarray[Any, np.dtype[np.int64]], now_ms: int,
             ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], int]:
+    if not len(ts) or ts.max() <= now_ms + SKEW_LIMIT_MS:
+        return ts, 0
     ahead = ts > now_ms + SKEW_LIMIT_MS
-    n = int(np.count_nonzero(ahead))
-    if n:
-        ts = np.where(ahead, np.int64(now_ms), ts)
-    return ts, n
+    return np.where(ahead, np.int64(now_ms), ts), int(np.count_nonzero(ahead))
 
 
 # -- encoding: what stations send (the simulator and the tests use these) --

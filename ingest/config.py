@@ -14,7 +14,7 @@ import re
 import tomllib
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -74,9 +74,9 @@ class Settings:
             env = environ.get(f"BIKEWATCH_{name.upper()}")
             if env is not None:
                 values[name] = env
-        settings = cls()
-        for name, raw in values.items():
-            settings = replace(settings, **{name: _coerce(name, raw, getattr(cls(), name))})
+        defaults = cls()
+        settings = cls(**{name: _coerce(name, raw, getattr(defaults, name))
+                          for name, raw in values.items()})
         settings.validate()
         return settings
 
@@ -104,7 +104,8 @@ class Settings:
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ConfigError("BIKEWATCH_TIMEZONE", f"unknown time zone {self.timezone!r}") from None
+            raise ConfigError("BIKEWATCH_TIMEZONE",
+                              f"unknown time zone {self.timezone!r}") from None
 
     def mqtt_endpoint(self) -> MqttEndpoint:
         bad = ConfigError("BIKEWATCH_MQTT_URL",
@@ -132,7 +133,7 @@ class Settings:
         return zoneinfo.ZoneInfo(self.timezone)
 
 
-def _coerce(name: str, raw: object, default: object) -> object:
+def _coerce(name: str, raw: object, default: object) -> Any:
     setting = f"BIKEWATCH_{name.upper()}"
     if isinstance(default, bool) or isinstance(raw, bool):
         raise ConfigError(setting, f"{raw!r} is not a valid value")

@@ -61,9 +61,11 @@ def _police(settings: Settings, out: asyncio.Queue[dict[str, object]],
         c.subscribe(f"{settings.mqtt_root}/alerts/#", qos=1)
         connected.set()
 
+    def on_message(_c: paho.Client, _u: object, m: paho.MQTTMessage) -> None:
+        loop.call_soon_threadsafe(out.put_nowait, orjson.loads(m.payload))
+
     client.on_connect = on_connect
-    client.on_message = lambda _c, _u, m: loop.call_soon_threadsafe(
-        out.put_nowait, orjson.loads(m.payload))
+    client.on_message = on_message
     client.connect(ep.host, ep.port)
     client.loop_start()
     connected.wait(10)
@@ -88,7 +90,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     broker = start_broker()
     tmp = None if args.data else tempfile.TemporaryDirectory(prefix="bikewatch-demo-")
     data = Path(args.data or (tmp.name if tmp else "."))
-    data.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
     env = broker.settings_overrides() | {
         "BIKEWATCH_DB_URL": f"sqlite+aiosqlite:///{data / 'bikewatch.db'}",
         "BIKEWATCH_HTTP": _http_address(), "BIKEWATCH_CLIENT_ID": "bikewatch-demo-worker"}

@@ -73,8 +73,9 @@ class StationHealth:
         return sum(r[2] for r in rows) / len(rows) if rows else 0.0
 
     def take_dirty(self) -> list[dict[str, object]]:
-        out = [{"sid": s, "st": self._state[s].status, "st_ms": self._state[s].status_ms,
-                "heard": self._state[s].last_heard_ms} for s in sorted(self._dirty)]
+        out: list[dict[str, object]] = [
+            {"sid": s, "st": self._state[s].status, "st_ms": self._state[s].status_ms,
+             "heard": self._state[s].last_heard_ms} for s in sorted(self._dirty)]
         self._dirty.clear()
         return out
 

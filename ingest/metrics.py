@@ -57,8 +57,8 @@ class Metrics:
                                  registry=registry)
         for reason in PAYLOAD_REASONS:
             self.rejected.labels(reason.value)
-        for reason in READ_REASONS:
-            self.rejected_reads.labels(reason.value)
+        for read_reason in READ_REASONS:
+            self.rejected_reads.labels(read_reason.value)
         self.alerts.labels("stolen_sighting")
 
 

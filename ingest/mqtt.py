@@ -120,11 +120,11 @@ class MqttLink:
     def start(self) -> None:
         props = None
         if self._v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             props.ReceiveMaximum = self.inbox.capacity
-        self.client.connect_async(self._ep.host, self._ep.port, keepalive=30,
-                                  clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        clean = False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY  # 3.1.1: clean_session
+        self.client.connect_async(self._ep.host, self._ep.port, keepalive=30, clean_start=clean,
                                   properties=props)
         self.client.loop_start()
 
@@ -161,7 +161,7 @@ class MqttLink:
             log.warning("disconnected from the broker (%s); reconnecting", rc)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        self.inbox.put_threadsafe(Inbound(msg.topic, msg.payload, msg.mid, msg.qos,
+        self.inbox.put_threadsafe(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos,
                                           self.clock()))
 
     def _on_publish(self, _c: paho.Client, _u: object, mid: int, _rc: ReasonCode,

@@ -20,10 +20,10 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import orjson
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import case, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from alerts.engine import KIND_STOLEN, RaisedAlert, Sighting, raise_alert
@@ -38,7 +38,6 @@ from registry.models import RejectRecord, SeenBatch, Station, Visit
 from registry.snapshot import StolenSet, StolenSetHolder
 from registry.sql import insert_for, insert_ignore
 from registry.stations import StationInfo
-from registry.tags import from_db, to_db
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ class Pipeline:
                 if batches:
                     await self._reads(conn, batches, result)
                 if decoded.rejects:
-                    await conn.execute(RejectRecord.__table__.insert(), decoded.rejects)
+                    await conn.execute(insert(RejectRecord), decoded.rejects)
                 dirty = self.health.take_dirty()
                 await persist(conn, dirty)
         except BaseException:
@@ -262,12 +261,13 @@ class Pipeline:
                 "tag": tag_db, "station": station, "first_ms": first, "last_ms": last,
                 "reads": reads, "best_rssi": best}])
             return first
-        await conn.execute(update(Visit).where(Visit.id == row.id).values(
-            last_ms=case((Visit.last_ms < last, last), else_=Visit.last_ms),
-            reads=Visit.reads + reads,
-            best_rssi=case((Visit.best_rssi.is_(None), best),
-                           ((best is not None) & (Visit.best_rssi < (best or 0)), best),
-                           else_=Visit.best_rssi)))
+        values: dict[str, Any] = {
+            "last_ms": case((Visit.last_ms < last, last), else_=Visit.last_ms),
+            "reads": Visit.reads + reads}
+        if best is not None:
+            values["best_rssi"] = case((Visit.best_rssi.is_(None), best),
+                                       (Visit.best_rssi < best, best), else_=Visit.best_rssi)
+        await conn.execute(update(Visit).where(Visit.id == row.id).values(**values))
         # The stored visit keeps its key (first_ms): alerts already raised refer to it.
         return int(row.first_ms)
 
@@ -314,7 +314,7 @@ class Pipeline:
         m.alerts.labels(KIND_STOLEN).inc(len(r.alerts))
 
 
-def _visit_upsert(conn: AsyncConnection) -> object:
+def _visit_upsert(conn: AsyncConnection) -> Any:
     ins = insert_for(conn, Visit)
     ex = ins.excluded
     return ins.on_conflict_do_update(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry.errors import Refused
@@ -29,7 +29,8 @@ async def report_theft(engine: AsyncEngine, tag: int, case_id: str, stolen_ms: i
     if stolen_ms > now_ms + 60_000:
         raise Refused("--stolen-at lies in the future")
     async with engine.begin() as conn:
-        if (await conn.execute(select(Vehicle.tag).where(Vehicle.tag == to_db(tag)))).first() is None:
+        registered = await conn.execute(select(Vehicle.tag).where(Vehicle.tag == to_db(tag)))
+        if registered.first() is None:
             raise Refused(f"tag {format_tag(tag)} is not registered")
         same = (await conn.execute(select(TheftCase.tag, TheftCase.status)
                                    .where(TheftCase.case_id == case_id))).first()
@@ -44,7 +45,7 @@ async def report_theft(engine: AsyncEngine, tag: int, case_id: str, stolen_ms: i
             TheftCase.tag == to_db(tag), TheftCase.status == "open"))).scalar()
         if other is not None:
             raise Refused(f"tag {format_tag(tag)} is already reported stolen under case {other}")
-        await conn.execute(TheftCase.__table__.insert().values(
+        await conn.execute(insert(TheftCase).values(
             case_id=case_id, tag=to_db(tag), status="open", stolen_ms=stolen_ms,
             reported_ms=now_ms, updates=0))
         await bump_version(conn)

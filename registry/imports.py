@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from registry.errors import Refused
@@ -120,7 +120,7 @@ async def _upsert(conn: AsyncConnection, model: type[Station] | type[Vehicle], k
             .where(col.in_([r[key] for r in chunk])))}
         new = [r | provision for r in chunk if r[key] not in existing]
         if new:
-            await conn.execute(model.__table__.insert(), new)
+            await conn.execute(insert(model), new)
         report.added += len(new)
         for r in chunk:
             old = existing.get(r[key])

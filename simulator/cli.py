@@ -47,9 +47,13 @@ async def run_simulator_command(args: argparse.Namespace, settings: Settings,
     town = Town(seed=args.seed, rows=args.rows, cols=args.cols, bikes=args.bikes)
     if args.csv_dir:
         out = Path(args.csv_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "stations.csv").write_text(town.stations_csv())
-        (out / "vehicles.csv").write_text(town.vehicles_csv())
+
+        def write() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "stations.csv").write_text(town.stations_csv())
+            (out / "vehicles.csv").write_text(town.vehicles_csv())
+
+        await asyncio.to_thread(write)
     pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root,
                            binary_share=args.binary_share)
     try:

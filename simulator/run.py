@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from ingest.clock import wall_ms
@@ -38,9 +39,7 @@ async def drive(town: Town, pub: StationPublisher, stop: asyncio.Event, *,
                 next_beat += HEARTBEAT_S
             delay = start_wall + ticks * tick_s / speedup - time.monotonic()
             if delay > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
     finally:
         await asyncio.to_thread(pub.flush, 10.0)

@@ -15,6 +15,7 @@ import numpy as np
 
 from registry.tags import format_tag
 
+Reads = tuple[np.ndarray, np.ndarray, np.ndarray]  # tags (u64), ts_ms (i64), rssi (i8)
 ORIGIN = (28.7300, 121.5500)  # lat, lon of the grid's south-west corner
 M_PER_DEG_LAT = 111_320.0
 BRANDS = ("Yadea", "Aima", "Tailg", "Niu", "Luyuan", "Sunra")
@@ -94,7 +95,7 @@ class Town:
                          f"{BRANDS[i % len(BRANDS)]},{COLORS[(i // 7) % len(COLORS)]}")
         return "\n".join(lines) + "\n"
 
-    def step(self, dt_s: float, now_ms: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def step(self, dt_s: float, now_ms: int) -> dict[str, Reads]:
         """Move every bike by `dt_s`; the reads heard, per station: (tags, ts_ms, rssi)."""
         self.pos_m += self.speed * dt_s
         done = np.flatnonzero(self.pos_m >= self.spacing_m)
@@ -102,7 +103,7 @@ class Town:
             self.pos_m[i] -= self.spacing_m
             prev, self.a[i] = self.a[i], self.b[i]
             self.b[i] = self._next(int(self.a[i]), int(prev))
-        out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        out: dict[str, Reads] = {}
         for node_of, dist in ((self.a, self.pos_m), (self.b, self.spacing_m - self.pos_m)):
             near = (dist < self.range_m) & (self.rng.random(self.bikes) < self.p_read)
             idx = np.flatnonzero(near)

@@ -11,7 +11,10 @@ from ingest.visits import VisitTracker
 GAP = 60_000
 
 
-def _fold(tracker: VisitTracker, reads: list[tuple[int, str, int]]) -> list[tuple[int, str, int, int, int]]:
+Row = tuple[int, str, int, int, int]
+
+
+def _fold(tracker: VisitTracker, reads: list[tuple[int, str, int]]) -> list[Row]:
     tag = np.array([r[0] for r in reads], dtype=np.uint64)
     station = np.array([tracker.station_index(r[1]) for r in reads], dtype=np.int32)
     ts = np.array([r[2] for r in reads], dtype=np.int64)

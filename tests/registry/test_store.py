@@ -8,8 +8,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry.cases import recover_theft, report_theft
-from registry.errors import Refused, StoreError
 from registry.db import open_database
+from registry.errors import Refused, StoreError
 from registry.imports import import_stations, import_vehicles
 from registry.models import Base, TheftCase
 from registry.snapshot import load_stolen_set

@@ -1,0 +1,295 @@
+"""`bikewatch bench`: the figures of the core issue, all measured in one run.
+
+Each figure is printed beside the baseline measured in the same run (the
+machines are shared and noisy): matching against a Python set, the worker
+against a bare subscriber of the same client library on the same broker.
+The publisher runs in its own process (`python -m simulator.bench publish`),
+on 127.0.0.1 only, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+from ingest.broker import BrokerHandle, free_port, start_broker
+from ingest.clock import wall_ms
+from ingest.codec import decode, encode_binary, encode_json
+from ingest.config import Settings
+from registry.snapshot import StolenSet
+
+READS_PER_BATCH = 50
+STATIONS = 200
+STOLEN_TAG = 0xDEAD0001
+
+
+def _ns_per(fn: Callable[[], object], reads: int, min_s: float = 0.3) -> float:
+    fn()
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < min_s:
+        fn()
+        n += 1
+    return elapsed / n / reads * 1e9
+
+
+def _set_match(tags: np.ndarray, stolen: set[int]) -> list[int]:
+    """The baseline: a Python set, one membership test per read."""
+    return [i for i, t in enumerate(tags.tolist()) if t in stolen]
+
+
+def bench_matching(quick: bool) -> None:
+    print("\n== hot-path matching, ns per read (lower is better) ==")
+    print(f"{'stolen':>9} {'batch':>6} {'snapshot':>9} {'np.isin':>9} {'py set':>8} "
+          f"{'set/snapshot':>13}")
+    rng = np.random.default_rng(1)
+    for n in (1_000, 100_000) if quick else (1_000, 100_000, 1_000_000):
+        stolen = rng.integers(0, 2**63, n, dtype=np.uint64)
+        snap = StolenSet.build(1, [(int(t), 0, "c") for t in stolen])
+        pyset = set(stolen.tolist())
+        for b in (100, 10_000):
+            tags = rng.integers(0, 2**63, b, dtype=np.uint64)
+            tags[: max(1, b // 1000)] = stolen[: max(1, b // 1000)]
+            t_snap = _ns_per(partial(snap.match, tags), b)
+            t_isin = _ns_per(partial(np.isin, tags, stolen), b, 0.1)
+            t_set = _ns_per(partial(_set_match, tags, pyset), b)
+            print(f"{n:>9,} {b:>6,} {t_snap:>9.1f} {t_isin:>9.1f} {t_set:>8.1f} "
+                  f"{t_set / t_snap:>12.1f}x")
+
+
+def bench_decode() -> None:
+    print("\n== decode, ns per read ==")
+    print(f"{'reads/batch':>11} {'binary':>8} {'json':>8}")
+    rng = np.random.default_rng(2)
+    now = wall_ms()
+    for n in (10, 50, 1000):
+        tags = rng.integers(0, 2**40, n, dtype=np.uint64)
+        rssi = rng.integers(-90, -30, n)
+        b = encode_binary(1, 1, now, tags, np.arange(n), rssi)
+        j = encode_json(1, 1, now, tags.tolist(), (now + np.arange(n)).tolist(), rssi.tolist())
+        t_bin = _ns_per(partial(decode, b, "S1", now), n)
+        t_json = _ns_per(partial(decode, j, "S1", now), n)
+        print(f"{n:>11} {t_bin:>8.1f} {t_json:>8.1f}")
+
+
+# -- the publisher process ----------------------------------------------------
+
+def publish_main(argv: list[str]) -> None:
+    """Publish read batches as fast as allowed (or at --rate batches/s) for --seconds."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int)
+    p.add_argument("--root")
+    p.add_argument("--seconds", type=float)
+    p.add_argument("--rate", type=float, default=0)
+    p.add_argument("--format", default="binary")
+    p.add_argument("--stolen-every", type=int, default=0)
+    a = p.parse_args(argv)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"benchpub-{uuid.uuid4().hex}")
+    client.username_pw_set("bikewatch", "bikewatch")
+    inflight = threading.BoundedSemaphore(1000)
+    client.max_inflight_messages_set(1000)
+    client.on_publish = lambda *_: inflight.release()
+    client.connect("127.0.0.1", a.port)
+    # The network loop runs in this thread: with loop_start() every publish wakes
+    # the network thread, and the GIL hand-off caps a publisher near 2,000 messages/s.
+    rng = np.random.default_rng(os.getpid())
+    pool = rng.integers(1, 2**40, 100_000, dtype=np.uint64)
+    sent, start, boot = 0, time.monotonic(), int(time.time())
+    while (elapsed := time.monotonic() - start) < a.seconds:
+        if a.rate and sent > elapsed * a.rate:
+            time.sleep(0.001)
+            continue
+        station = sent % STATIONS
+        tags = pool[rng.integers(0, len(pool), READS_PER_BATCH)]
+        if a.stolen_every and sent % a.stolen_every == 0:
+            tags = tags.copy()
+            tags[0] = STOLEN_TAG
+        now = wall_ms()
+        if a.format == "binary":
+            payload = encode_binary(boot, sent, now, tags, np.zeros(READS_PER_BATCH, np.int64))
+        else:
+            payload = encode_json(boot, sent, now, tags.tolist(), [now] * READS_PER_BATCH)
+        while not inflight.acquire(blocking=False):
+            client.loop(timeout=0.01)
+        client.publish(f"{a.root}/stations/B-{station}/reads", payload, qos=1)
+        sent += 1
+        if sent % 64 == 0:
+            client.loop(timeout=0)
+    deadline = time.monotonic() + 10
+    got = 0
+    while got < 1000 and time.monotonic() < deadline:
+        if inflight.acquire(blocking=False):
+            got += 1
+        else:
+            client.loop(timeout=0.01)
+    print(sent, flush=True)
+
+
+def _start_publisher(broker: BrokerHandle, root: str, seconds: float, fmt: str = "binary",
+                     rate: float = 0, stolen_every: int = 0) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulator.bench", "publish", "--port", str(broker.port),
+         "--root", root, "--seconds", str(seconds), "--format", fmt, "--rate", str(rate),
+         "--stolen-every", str(stolen_every)], stdout=subprocess.PIPE, text=True)
+
+
+def _bare_paho(broker: BrokerHandle, root: str, seconds: float) -> float:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    count = [0]
+    stamps: list[float] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{uuid.uuid4().hex}",
+                         protocol=paho.MQTTv5)
+    client.username_pw_set("bikewatch", "bikewatch")
+    ready = threading.Event()
+
+    def on_message(*_: object) -> None:
+        count[0] += 1
+        if count[0] in (1, 1_000_000_000):
+            stamps.append(time.monotonic())
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: ready.set()
+    client.on_connect = lambda c, *_: c.subscribe(f"{root}/stations/+/reads", qos=1)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    ready.wait(10)
+    pub = _start_publisher(broker, root, seconds)
+    pub.wait()
+    time.sleep(1.0)
+    client.loop_stop()
+    client.disconnect()
+    return count[0] / seconds
+
+
+async def _bare_aiomqtt(broker: BrokerHandle, root: str, seconds: float) -> float:
+    import aiomqtt
+
+    count = 0
+    async with aiomqtt.Client("127.0.0.1", broker.port, username="bikewatch",
+                              password="bikewatch") as client:
+        await client.subscribe(f"{root}/stations/+/reads", qos=1)
+        pub = _start_publisher(broker, root, seconds)
+        deadline = time.monotonic() + seconds + 2
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                async for _ in client.messages:
+                    count += 1
+        except TimeoutError:
+            pass
+        await asyncio.to_thread(pub.wait)
+    return count / seconds
+
+
+async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: float = 0,
+                      stolen_every: int = 0, report_rss: bool = False,
+                      ) -> tuple[float, list[float], tuple[int, int]]:
+    from ingest.service import Worker
+    from registry.cases import report_theft
+    from registry.db import open_database
+    from registry.imports import import_vehicles
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = f"bench{uuid.uuid4().hex[:6]}"
+        settings = Settings.load(None, broker.settings_overrides() | {
+            "BIKEWATCH_DB_URL": f"sqlite+aiosqlite:///{tmp}/b.db", "BIKEWATCH_MQTT_ROOT": root,
+            "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}",
+            "BIKEWATCH_CLIENT_ID": f"benchw-{uuid.uuid4().hex[:6]}"})
+        engine = await open_database(settings.db_url)
+        await import_vehicles(engine, "tag,plate,owner_name,owner_phone,brand,color\n"
+                              f"{STOLEN_TAG:08x},P,N,1,B,C\n")
+        await report_theft(engine, STOLEN_TAG, "BENCH-1", 0, wall_ms())
+        worker = Worker(settings, engine)
+        latencies: list[float] = []
+        worker.on_alert = lambda a: latencies.append(wall_ms() - a.received_ms)
+        task = asyncio.create_task(worker.run())
+        await worker.ready.wait()
+        await asyncio.sleep(0.5)
+        rss0 = _rss_mb()
+
+        def reads() -> float:
+            return worker.registry.get_sample_value("bikewatch_reads_total") or 0.0
+
+        pub = _start_publisher(broker, root, seconds + 2, fmt, rate, stolen_every)
+        await asyncio.sleep(1.0)  # warm up
+        r0, t0 = reads(), time.monotonic()
+        await asyncio.sleep(seconds)
+        r1, t1 = reads(), time.monotonic()
+        rss1 = _rss_mb()
+        await asyncio.to_thread(pub.wait)
+        worker.stop.set()
+        await task
+        await engine.dispose()
+        return (r1 - r0) / (t1 - t0), latencies, (rss0, rss1)
+
+
+def _rss_mb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+async def bench_e2e(seconds: float, soak: float) -> None:
+    broker = start_broker()
+    try:
+        print(f"\n== end to end through {broker.kind} on 127.0.0.1, QoS 1, "
+              f"{READS_PER_BATCH} reads per batch, {seconds:.0f} s each ==")
+        bare = await asyncio.to_thread(_bare_paho, broker, f"bare{uuid.uuid4().hex[:6]}",
+                                       seconds)
+        print(f"bare paho subscriber:      {bare:>10,.0f} messages/s "
+              f"({bare * READS_PER_BATCH:,.0f} reads/s)")
+        aio = await _bare_aiomqtt(broker, f"aio{uuid.uuid4().hex[:6]}", seconds)
+        print(f"bare aiomqtt subscriber:   {aio:>10,.0f} messages/s ({aio / bare:.2f} of paho)")
+        for fmt in ("binary", "json"):
+            rate, _, _ = await _worker_run(broker, seconds, fmt)
+            print(f"worker, {fmt:<6}:            {rate:>10,.0f} reads/s = "
+                  f"{rate / READS_PER_BATCH:,.0f} batches/s ({rate / READS_PER_BATCH / bare:.2f} "
+                  f"of the bare subscriber)")
+            if fmt == "binary":
+                top = rate / READS_PER_BATCH
+        half = top / 2
+        _, lat, _ = await _worker_run(broker, seconds, "binary", rate=half, stolen_every=200)
+        if lat:
+            p50, p99 = np.percentile(lat, [50, 99])
+            print(f"alert latency at half load ({half:,.0f} batches/s, {len(lat)} alerts): "
+                  f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        if soak:
+            rate, _, (r0, r1) = await _worker_run(broker, soak, "binary")
+            print(f"soak {soak:.0f} s at full load: {rate:,.0f} reads/s, "
+                  f"RSS {r0} MB at start, {r1} MB at end (bench process, worker in it)")
+    finally:
+        broker.stop()
+
+
+async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.Event) -> int:
+    del settings, stop  # the bench owns its broker and databases
+    bench_matching(args.quick)
+    bench_decode()
+    if not args.skip_e2e:
+        await bench_e2e(args.seconds, args.soak)
+    return 0
+
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["publish"]:
+    publish_main(sys.argv[2:])

@@ -1,0 +1,14 @@
+"""The benchmark command runs and prints every in-process figure (numbers are not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_bench_quick_prints_matching_and_decode_tables() -> None:
+    p = subprocess.run([sys.executable, "-m", "ingest.cli", "bench", "--quick", "--skip-e2e"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "hot-path matching" in p.stdout and "decode, ns per read" in p.stdout
+    assert "100,000 10,000" in p.stdout
