@@ -26,7 +26,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[BrokerHandle]:
-    handle = start_broker()
+    # mosquitto where installed, else amqtt; BIKEWATCH_TEST_BROKER=amqtt forces the embedded one.
+    handle = start_broker(os.environ.get("BIKEWATCH_TEST_BROKER") or None)
     yield handle
     handle.stop()
 

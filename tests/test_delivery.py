@@ -47,6 +47,14 @@ async def _counts(url: str) -> tuple[int, int]:
 
 async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerHandle,
                                                                  tmp_path: Path) -> None:
+    if broker.kind != "mosquitto":
+        # Measured: amqtt 0.12 loses the QoS 1 messages that were in flight to a killed
+        # client (341 of 400 batches arrived). That is the embedded demo broker's limit,
+        # not ours; production runs Mosquitto or EMQX, and CI has Mosquitto.
+        msg = f"at-least-once across SIGKILL needs mosquitto; this session runs {broker.kind}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
     uid = uuid.uuid4().hex[:8]
     db = f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"
     env = os.environ | broker.settings_overrides() | {
