@@ -28,15 +28,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from alerts.engine import KIND_STOLEN, RaisedAlert, Sighting, raise_alert
 from ingest.batch import ReadBatch
-from ingest.codec import decode
+from ingest.codec import decode_many
 from ingest.errors import Reason, Rejected
 from ingest.health import StationHealth, persist
 from ingest.metrics import Metrics
 from ingest.visits import NO_RSSI, Segments, VisitTracker
 from registry.imports import NAME_RE
-from registry.models import RejectRecord, SeenBatch, Station, Visit
+from registry.models import RejectRecord, Station, Visit
 from registry.snapshot import StolenSet, StolenSetHolder
-from registry.sql import insert_for, insert_ignore
+from registry.sql import executemany, insert_ignore, insert_new_keys
 from registry.stations import StationInfo
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Pipeline:
     def _decode(self, msgs: list[Inbound], result: GroupResult) -> _Decoded:
         out = _Decoded()
         keys: set[tuple[str, int, int]] = set()
+        reads: list[tuple[Inbound, str]] = []
         n_root = len(self.root)
         for m in msgs:
             levels = m.topic.split("/")
@@ -116,15 +117,17 @@ class Pipeline:
             if kind == "heartbeat":
                 out.heartbeats.append((station, m.received_ms))
                 continue
-            try:
-                if not NAME_RE.fullmatch(station):
-                    raise Rejected(Reason.BAD_VALUE, "station id in the topic breaks "
-                                   "[A-Za-z0-9._-]{1,64}")
-                batch = decode(m.payload, station, m.received_ms)
-            except Rejected as rej:
-                out.rejects.append(_reject_row(m, station[:64], rej.reason, 0, rej.detail,
-                                               rej.boot, rej.seq))
-                result.rejected[rej.reason.value] = result.rejected.get(rej.reason.value, 0) + 1
+            if kind != "reads":
+                continue
+            if not NAME_RE.fullmatch(station):
+                self._reject(out, result, m, station[:64], Rejected(
+                    Reason.BAD_VALUE, "station id in the topic breaks [A-Za-z0-9._-]{1,64}"))
+            else:
+                reads.append((m, station))
+        decoded = decode_many([(m.payload, s, m.received_ms) for m, s in reads])
+        for (m, station), batch in zip(reads, decoded, strict=True):
+            if isinstance(batch, Rejected):
+                self._reject(out, result, m, station, batch)
                 continue
             for reason, count in ((Reason.BAD_TAG, batch.bad_tag),
                                   (Reason.BAD_VALUE, batch.bad_value)):
@@ -140,6 +143,13 @@ class Pipeline:
             keys.add(batch.key)
             out.batches.append((batch, m.received_ms, m.payload))
         return out
+
+    @staticmethod
+    def _reject(out: _Decoded, result: GroupResult, m: Inbound, station: str,
+                rej: Rejected) -> None:
+        out.rejects.append(_reject_row(m, station, rej.reason, 0, rej.detail, rej.boot,
+                                       rej.seq))
+        result.rejected[rej.reason.value] = result.rejected.get(rej.reason.value, 0) + 1
 
     # -- one transaction -------------------------------------------------------
 
@@ -175,11 +185,7 @@ class Pipeline:
                       result: GroupResult) -> list[tuple[ReadBatch, int, bytes]]:
         if not batches:
             return []
-        rows = [{"station": b.station, "boot": b.boot, "seq": b.seq, "received_ms": r}
-                for b, r, _ in batches]
-        new = {tuple(row) for row in await conn.execute(
-            insert_ignore(conn, SeenBatch).returning(SeenBatch.station, SeenBatch.boot,
-                                                     SeenBatch.seq), rows)}
+        new = await insert_new_keys(conn, [(*b.key, r) for b, r, _ in batches])
         fresh = [x for x in batches if x[0].key in new]
         result.duplicates += len(batches) - len(fresh)
         return fresh
@@ -230,14 +236,13 @@ class Pipeline:
         tags_db = (segs.tag & _I64_MASK).view(np.int64)  # same 64 bits, signed (registry.tags)
         rssi = segs.best_rssi
         normal = np.flatnonzero(~segs.late)
-        rows = [{"tag": t, "station": self.tracker.station_name(s), "first_ms": f,
-                 "last_ms": la, "reads": n, "best_rssi": None if r == NO_RSSI else r}
-                for t, s, f, la, n, r in zip(
-                    tags_db[normal].tolist(), segs.station[normal].tolist(),
-                    segs.first_ms[normal].tolist(), segs.last_ms[normal].tolist(),
-                    segs.reads[normal].tolist(), rssi[normal].tolist(), strict=True)]
-        if rows:
-            await conn.execute(_visit_upsert(conn), rows)
+        names = self.tracker.station_names()
+        rows = list(zip(tags_db[normal].tolist(), [names[s] for s in segs.station[normal].tolist()],
+                        segs.first_ms[normal].tolist(), segs.last_ms[normal].tolist(),
+                        segs.reads[normal].tolist(),
+                        [None if r == NO_RSSI else r for r in rssi[normal].tolist()],
+                        strict=True))
+        await executemany(conn, _UPSERT_VISIT, rows)
         for i in np.flatnonzero(segs.late).tolist():
             key_first[i] = await self._late_segment(conn, int(tags_db[i]),
                                                     self.tracker.station_name(int(segs.station[i])),
@@ -257,9 +262,7 @@ class Pipeline:
             .order_by(Visit.first_ms).limit(1))).first()
         best = None if rssi == NO_RSSI else rssi
         if row is None:
-            await conn.execute(_visit_upsert(conn), [{
-                "tag": tag_db, "station": station, "first_ms": first, "last_ms": last,
-                "reads": reads, "best_rssi": best}])
+            await executemany(conn, _UPSERT_VISIT, [(tag_db, station, first, last, reads, best)])
             return first
         values: dict[str, Any] = {
             "last_ms": case((Visit.last_ms < last, last), else_=Visit.last_ms),
@@ -314,16 +317,16 @@ class Pipeline:
         m.alerts.labels(KIND_STOLEN).inc(len(r.alerts))
 
 
-def _visit_upsert(conn: AsyncConnection) -> Any:
-    ins = insert_for(conn, Visit)
-    ex = ins.excluded
-    return ins.on_conflict_do_update(
-        index_elements=["tag", "station", "first_ms"],
-        set_={"last_ms": case((ex.last_ms > Visit.last_ms, ex.last_ms), else_=Visit.last_ms),
-              "reads": Visit.reads + ex.reads,
-              "best_rssi": case((Visit.best_rssi.is_(None), ex.best_rssi),
-                                (ex.best_rssi > Visit.best_rssi, ex.best_rssi),
-                                else_=Visit.best_rssi)})
+# Reads add up; the visit's end and best RSSI only grow. The same text suits SQLite and
+# PostgreSQL; `registry.models.Visit` names the columns and the unique key.
+_UPSERT_VISIT = """INSERT INTO visits (tag, station, first_ms, last_ms, reads, best_rssi)
+VALUES ({params}) ON CONFLICT (tag, station, first_ms) DO UPDATE SET
+ last_ms = CASE WHEN excluded.last_ms > visits.last_ms THEN excluded.last_ms
+           ELSE visits.last_ms END,
+ reads = visits.reads + excluded.reads,
+ best_rssi = CASE WHEN visits.best_rssi IS NULL THEN excluded.best_rssi
+             WHEN excluded.best_rssi > visits.best_rssi THEN excluded.best_rssi
+             ELSE visits.best_rssi END"""
 
 
 def _reject_row(m: Inbound, station: str, reason: Reason, reads: int, detail: str,

@@ -74,6 +74,9 @@ class VisitTracker:
     def station_name(self, idx: int) -> str:
         return self._names[idx]
 
+    def station_names(self) -> list[str]:
+        return self._names
+
     def fold(self, tag: U64, station: I32, ts: I64, rssi: I8) -> Segments:
         n = len(tag)
         order = np.lexsort((ts, tag))

@@ -23,3 +23,55 @@ def _insert(conn: AsyncConnection, model: Any) -> Any:
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def placeholders(conn: AsyncConnection, n: int) -> str:
+    """n driver placeholders: `?` for sqlite3, `$1..$n` for asyncpg."""
+    if conn.dialect.paramstyle == "numeric_dollar":
+        return ",".join(f"${i}" for i in range(1, n + 1))
+    return ",".join("?" * n)
+
+
+async def executemany(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """Run one statement for many rows straight through the driver.
+
+    On the hot path SQLAlchemy's per-row parameter processing costs ~10 µs a
+    row; the drivers' own executemany costs ~1. `sql` uses `{params}` where the
+    VALUES placeholders go.
+    """
+    if rows:
+        await conn.exec_driver_sql(sql.format(params=placeholders(conn, len(rows[0]))), rows)
+
+
+async def insert_new_keys(conn: AsyncConnection, rows: list[tuple[str, int, int, int]],
+                          ) -> set[tuple[str, int, int]]:
+    """Insert (station, boot, seq, received_ms) dedupe keys; return those that were new.
+
+    PostgreSQL: one INSERT ... SELECT unnest(...) ON CONFLICT DO NOTHING RETURNING.
+    SQLite: INSERT OR IGNORE for all, and only when fewer rows went in than were
+    offered (a repeat, rare) a look at which stored rows carry another receive time.
+    """
+    if not rows:
+        return set()
+    if conn.dialect.name == "postgresql":
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        result = await conn.exec_driver_sql(
+            "INSERT INTO seen_batches (station, boot, seq, received_ms) "
+            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) "
+            "ON CONFLICT DO NOTHING RETURNING station, boot, seq",
+            tuple(columns))
+        inserted: list[Any] = result.all()
+        return {(r[0], r[1], r[2]) for r in inserted}
+    result = await conn.exec_driver_sql(
+        "INSERT OR IGNORE INTO seen_batches (station, boot, seq, received_ms) "
+        "VALUES (?,?,?,?)", rows)
+    if result.rowcount == len(rows):
+        return {(r[0], r[1], r[2]) for r in rows}
+    new = set()
+    for station, boot, seq, received_ms in rows:
+        stored = (await conn.exec_driver_sql(
+            "SELECT received_ms FROM seen_batches WHERE station=? AND boot=? AND seq=?",
+            (station, boot, seq))).scalar()
+        if stored == received_ms:
+            new.add((station, boot, seq))
+    return new

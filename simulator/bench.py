@@ -26,12 +26,17 @@ import numpy as np
 
 from ingest.broker import BrokerHandle, free_port, start_broker
 from ingest.clock import wall_ms
-from ingest.codec import decode, encode_binary, encode_json
+from ingest.codec import HEADER, RECORD, decode, encode_binary, encode_json
 from ingest.config import Settings
 from registry.snapshot import StolenSet
+from registry.tags import format_tag
+from simulator.loadgen import LoadGen
 
 READS_PER_BATCH = 50
 STATIONS = 200
+BIKES_IN_RANGE = 10   # distinct tags in one batch, each heard READS_PER_BATCH / 10 times
+VISIT_BATCHES = 10    # batches of one station before the bikes in range change
+EPOCHS = 32
 STOLEN_TAG = 0xDEAD0001
 
 
@@ -86,10 +91,12 @@ def bench_decode() -> None:
 # -- the publisher process ----------------------------------------------------
 
 def publish_main(argv: list[str]) -> None:
-    """Publish read batches as fast as allowed (or at --rate batches/s) for --seconds."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    """Publish read batches as fast as allowed (or at --rate batches/s) for --seconds.
 
+    Payloads are built from pre-made read blocks (only the header or the seq
+    changes per message) so that the publisher costs little next to the
+    subscriber it feeds; see simulator.loadgen.
+    """
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int)
     p.add_argument("--root")
@@ -98,44 +105,51 @@ def publish_main(argv: list[str]) -> None:
     p.add_argument("--format", default="binary")
     p.add_argument("--stolen-every", type=int, default=0)
     a = p.parse_args(argv)
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"benchpub-{uuid.uuid4().hex}")
-    client.username_pw_set("bikewatch", "bikewatch")
-    inflight = threading.BoundedSemaphore(1000)
-    client.max_inflight_messages_set(1000)
-    client.on_publish = lambda *_: inflight.release()
-    client.connect("127.0.0.1", a.port)
-    # The network loop runs in this thread: with loop_start() every publish wakes
-    # the network thread, and the GIL hand-off caps a publisher near 2,000 messages/s.
     rng = np.random.default_rng(os.getpid())
-    pool = rng.integers(1, 2**40, 100_000, dtype=np.uint64)
-    sent, start, boot = 0, time.monotonic(), int(time.time())
-    while (elapsed := time.monotonic() - start) < a.seconds:
-        if a.rate and sent > elapsed * a.rate:
-            time.sleep(0.001)
-            continue
-        station = sent % STATIONS
-        tags = pool[rng.integers(0, len(pool), READS_PER_BATCH)]
-        if a.stolen_every and sent % a.stolen_every == 0:
-            tags = tags.copy()
-            tags[0] = STOLEN_TAG
+    boot = int(time.time()) & 0xFFFFFFFF
+    # Traffic as a street sees it: each batch holds BIKES_IN_RANGE bikes heard
+    # several times each, and the bikes in range change every VISIT_BATCHES
+    # batches of that station. Block k serves station k % STATIONS in epoch
+    # k // STATIONS.
+    blocks: list[bytes] = []
+    stolen_blocks: list[bytes] = []
+    for k in range(STATIONS * EPOCHS):
+        tags = np.repeat(rng.integers(1, 2**40, BIKES_IN_RANGE, dtype=np.uint64),
+                         READS_PER_BATCH // BIKES_IN_RANGE)
+        for out, stolen in ((blocks, False), (stolen_blocks, True)):
+            if stolen:
+                tags = tags.copy()
+                tags[0] = STOLEN_TAG
+            if a.format == "binary":
+                rec = np.zeros(READS_PER_BATCH, dtype=RECORD)
+                rec["tag"], rec["rssi"], rec["ant"] = tags, -60 - k % 20, 1
+                out.append(rec.tobytes())
+            else:
+                # ts_ms is filled in per message: "%d" is replaced below.
+                out.append(b"[" + b",".join(
+                    b'{"tag":"%s","ts_ms":%%d,"rssi":-61,"ant":1}' % format_tag(int(t)).encode()
+                    for t in tags.tolist()) + b"]")
+    topics = [f"{a.root}/stations/B-{i}/reads" for i in range(STATIONS)]
+    every = a.stolen_every
+
+    def make(i: int) -> tuple[str, bytes]:
+        station = i % STATIONS
+        epoch = (i // (STATIONS * VISIT_BATCHES)) % EPOCHS
+        block = (stolen_blocks if every and i % every == 0 else blocks)[
+            epoch * STATIONS + station]
         now = wall_ms()
         if a.format == "binary":
-            payload = encode_binary(boot, sent, now, tags, np.zeros(READS_PER_BATCH, np.int64))
-        else:
-            payload = encode_json(boot, sent, now, tags.tolist(), [now] * READS_PER_BATCH)
-        while not inflight.acquire(blocking=False):
-            client.loop(timeout=0.01)
-        client.publish(f"{a.root}/stations/B-{station}/reads", payload, qos=1)
-        sent += 1
-        if sent % 64 == 0:
-            client.loop(timeout=0)
-    deadline = time.monotonic() + 10
-    got = 0
-    while got < 1000 and time.monotonic() < deadline:
-        if inflight.acquire(blocking=False):
-            got += 1
-        else:
-            client.loop(timeout=0.01)
+            return topics[i % STATIONS], HEADER.pack(b"BW", 1, 0, boot, i, now,
+                                                     READS_PER_BATCH) + block
+        reads = block.replace(b"%d", str(now).encode())
+        return topics[i % STATIONS], (b'{"v":1,"boot":%d,"seq":%d,"sent_ms":%d,"reads":'
+                                      % (boot, i, now) + reads + b"}")
+
+    gen = LoadGen(a.port, f"benchpub-{uuid.uuid4().hex[:8]}")
+    try:
+        sent = gen.run(make, a.seconds, a.rate)
+    finally:
+        gen.close()
     print(sent, flush=True)
 
 
@@ -253,7 +267,8 @@ async def bench_e2e(seconds: float, soak: float) -> None:
     broker = start_broker()
     try:
         print(f"\n== end to end through {broker.kind} on 127.0.0.1, QoS 1, "
-              f"{READS_PER_BATCH} reads per batch, {seconds:.0f} s each ==")
+              f"{READS_PER_BATCH} reads per batch ({BIKES_IN_RANGE} bikes in range, "
+              f"{VISIT_BATCHES} batches a visit), {STATIONS} stations, {seconds:.0f} s each ==")
         bare = await asyncio.to_thread(_bare_paho, broker, f"bare{uuid.uuid4().hex[:6]}",
                                        seconds)
         print(f"bare paho subscriber:      {bare:>10,.0f} messages/s "
@@ -268,7 +283,8 @@ async def bench_e2e(seconds: float, soak: float) -> None:
             if fmt == "binary":
                 top = rate / READS_PER_BATCH
         half = top / 2
-        _, lat, _ = await _worker_run(broker, seconds, "binary", rate=half, stolen_every=200)
+        _, lat, _ = await _worker_run(broker, seconds, "binary", rate=half,
+                                      stolen_every=STATIONS + 1)
         if lat:
             p50, p99 = np.percentile(lat, [50, 99])
             print(f"alert latency at half load ({half:,.0f} batches/s, {len(lat)} alerts): "
