@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
@@ -60,7 +61,7 @@ async def insert_new_keys(conn: AsyncConnection, rows: list[tuple[str, int, int,
             "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) "
             "ON CONFLICT DO NOTHING RETURNING station, boot, seq",
             tuple(columns))
-        inserted: list[Any] = result.all()
+        inserted: Sequence[Any] = result.all()
         return {(r[0], r[1], r[2]) for r in inserted}
     result = await conn.exec_driver_sql(
         "INSERT OR IGNORE INTO seen_batches (station, boot, seq, received_ms) "
