@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ingest.metrics import StationRow
 from registry.models import Station
@@ -84,10 +84,23 @@ class StationHealth:
         self._dirty.update(str(r["sid"]) for r in rows)
 
 
-async def persist(conn: AsyncConnection, rows: list[dict[str, object]]) -> None:
-    if rows:
-        await conn.execute(
+async def persist(engine: AsyncEngine, health: StationHealth) -> None:
+    """Write the stations' state that changed since the last call.
+
+    Every few seconds, not per group: last-heard times are not read effects
+    (a restart loses at most this interval of them; status is retained by the
+    broker and comes back on subscribe), and one UPDATE per station per group
+    cost a fifth of the hot path's database time."""
+    rows = health.take_dirty()
+    if not rows:
+        return
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
             update(Station).where(Station.id == bindparam("sid"))
-            .values(status=bindparam("st"), status_ms=bindparam("st_ms"),
-                    last_heard_ms=bindparam("heard")),
-            rows)
+                .values(status=bindparam("st"), status_ms=bindparam("st_ms"),
+                        last_heard_ms=bindparam("heard")),
+                rows)
+    except BaseException:
+        health.mark_dirty(rows)
+        raise

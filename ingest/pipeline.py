@@ -30,11 +30,12 @@ from alerts.engine import KIND_STOLEN, RaisedAlert, Sighting, raise_alert
 from ingest.batch import ReadBatch
 from ingest.codec import decode_many
 from ingest.errors import Reason, Rejected
-from ingest.health import StationHealth, persist
+from ingest.health import StationHealth
 from ingest.metrics import Metrics
+from ingest.visitlog import UPSERT_VISIT, pack, segment_rows, upsert_segments
 from ingest.visits import NO_RSSI, Segments, VisitTracker
 from registry.imports import NAME_RE
-from registry.models import RejectRecord, Station, Visit
+from registry.models import RejectRecord, Station, Visit, VisitLog
 from registry.snapshot import StolenSet, StolenSetHolder
 from registry.sql import executemany, insert_ignore, insert_new_keys
 from registry.stations import StationInfo
@@ -42,7 +43,6 @@ from registry.stations import StationInfo
 log = logging.getLogger(__name__)
 
 REJECT_PAYLOAD_MAX = 64 * 1024
-_I64_MASK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
 @dataclass(slots=True, frozen=True)
@@ -159,7 +159,6 @@ class Pipeline:
         result = GroupResult()
         decoded = self._decode(msgs, result)
         saved = self.tracker.saved()
-        dirty: list[dict[str, object]] = []
         try:
             async with self.engine.begin() as conn:
                 batches = await self._dedupe(conn, decoded.batches, result)
@@ -168,11 +167,8 @@ class Pipeline:
                     await self._reads(conn, batches, result)
                 if decoded.rejects:
                     await conn.execute(insert(RejectRecord), decoded.rejects)
-                dirty = self.health.take_dirty()
-                await persist(conn, dirty)
         except BaseException:
             self.tracker.restore(saved)
-            self.health.mark_dirty(dirty)
             raise
         for batch, _, _ in decoded.batches:
             self._seen[batch.key] = None
@@ -226,28 +222,33 @@ class Pipeline:
         if not len(tag):
             return
         segs = self.tracker.fold(tag, station, ts, rssi)
-        key_first = await self._write_visits(conn, segs)
         snapshot = self.holder.current
+        key_first = await self._write_visits(conn, segs, snapshot)
         await self._alerts(conn, snapshot, tag, ts, received, segs, key_first, result)
 
-    async def _write_visits(self, conn: AsyncConnection, segs: Segments) -> np.ndarray:
-        """Upsert the segments; returns each segment's visit key (first_ms) as stored."""
+    async def _write_visits(self, conn: AsyncConnection, segs: Segments,
+                            snapshot: StolenSet) -> np.ndarray:
+        """Make the segments durable; returns each one's visit key (first_ms) as stored.
+
+        Stolen tags' segments go straight into `visits` (their alert reads the
+        trajectory in this transaction); late ones are merged there; all the
+        others go to the visit log as one row (ingest.visitlog)."""
         key_first = segs.first_ms.copy()
-        tags_db = (segs.tag & _I64_MASK).view(np.int64)  # same 64 bits, signed (registry.tags)
-        rssi = segs.best_rssi
-        normal = np.flatnonzero(~segs.late)
         names = self.tracker.station_names()
-        rows = list(zip(tags_db[normal].tolist(), [names[s] for s in segs.station[normal].tolist()],
-                        segs.first_ms[normal].tolist(), segs.last_ms[normal].tolist(),
-                        segs.reads[normal].tolist(),
-                        [None if r == NO_RSSI else r for r in rssi[normal].tolist()],
-                        strict=True))
-        await executemany(conn, _UPSERT_VISIT, rows)
+        stolen = np.zeros(len(segs), dtype=np.bool_)
+        stolen[snapshot.match(segs.tag)[0]] = True
+        normal = ~segs.late
+        direct = np.flatnonzero(normal & stolen)
+        logged = np.flatnonzero(normal & ~stolen)
+        if len(logged):
+            await conn.execute(insert(VisitLog).values(**pack(segment_rows(segs, logged), names)))
+        if len(direct):
+            await upsert_segments(conn, segment_rows(segs, direct), names)
+        tags_db = segs.tag.view(np.int64)
         for i in np.flatnonzero(segs.late).tolist():
-            key_first[i] = await self._late_segment(conn, int(tags_db[i]),
-                                                    self.tracker.station_name(int(segs.station[i])),
+            key_first[i] = await self._late_segment(conn, int(tags_db[i]), names[segs.station[i]],
                                                     int(segs.first_ms[i]), int(segs.last_ms[i]),
-                                                    int(segs.reads[i]), int(rssi[i]))
+                                                    int(segs.reads[i]), int(segs.best_rssi[i]))
         return key_first
 
     async def _late_segment(self, conn: AsyncConnection, tag_db: int, station: str, first: int,
@@ -262,7 +263,7 @@ class Pipeline:
             .order_by(Visit.first_ms).limit(1))).first()
         best = None if rssi == NO_RSSI else rssi
         if row is None:
-            await executemany(conn, _UPSERT_VISIT, [(tag_db, station, first, last, reads, best)])
+            await executemany(conn, UPSERT_VISIT, [(tag_db, station, first, last, reads, best)])
             return first
         values: dict[str, Any] = {
             "last_ms": case((Visit.last_ms < last, last), else_=Visit.last_ms),
@@ -315,18 +316,6 @@ class Pipeline:
         for reason, n in r.rejected_reads.items():
             m.rejected_reads.labels(reason).inc(n)
         m.alerts.labels(KIND_STOLEN).inc(len(r.alerts))
-
-
-# Reads add up; the visit's end and best RSSI only grow. The same text suits SQLite and
-# PostgreSQL; `registry.models.Visit` names the columns and the unique key.
-_UPSERT_VISIT = """INSERT INTO visits (tag, station, first_ms, last_ms, reads, best_rssi)
-VALUES ({params}) ON CONFLICT (tag, station, first_ms) DO UPDATE SET
- last_ms = CASE WHEN excluded.last_ms > visits.last_ms THEN excluded.last_ms
-           ELSE visits.last_ms END,
- reads = visits.reads + excluded.reads,
- best_rssi = CASE WHEN visits.best_rssi IS NULL THEN excluded.best_rssi
-             WHEN excluded.best_rssi > visits.best_rssi THEN excluded.best_rssi
-             ELSE visits.best_rssi END"""
 
 
 def _reject_row(m: Inbound, station: str, reason: Reason, reads: int, detail: str,

@@ -35,6 +35,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # 64 MiB of page cache: visits are upserted in tag order, all over the B-tree.
     cur.execute("PRAGMA cache_size=-65536")
     cur.close()
+    # SQLAlchemy emits BEGIN itself (see _sqlite_begin), not the driver.
+    dbapi_conn.isolation_level = None
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # BEGIN IMMEDIATE takes the write lock up front. A deferred transaction that
+    # reads and then writes fails with "database is locked" at once, whatever
+    # busy_timeout says, when another connection committed in between (WAL
+    # snapshot conflict); the worker, the materializer and the CLI all do that.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -51,6 +61,7 @@ def create_engine(url: str) -> AsyncEngine:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             engine = create_async_engine(parsed, connect_args={"timeout": 30})
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(engine.sync_engine, "begin", _sqlite_begin)
             return engine
         return create_async_engine(parsed, pool_size=5, max_overflow=5, pool_pre_ping=True)
     except (ArgumentError, NoSuchModuleError) as exc:

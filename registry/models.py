@@ -115,6 +115,17 @@ class Visit(Base):
     )
 
 
+class VisitLog(Base):
+    """Visit segments committed with their batches, waiting to be folded into `visits`
+    (see `ingest.visitlog`): one row per group of batches."""
+
+    __tablename__ = "visit_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    stations: Mapped[str] = mapped_column(Text)       # JSON list; segments index into it
+    segments: Mapped[bytes] = mapped_column(LargeBinary)  # ingest.visitlog.SEGMENT records
+
+
 class Alert(Base):
     """Every alert raised, and the outbox of its delivery (`published_ms` null: pending)."""
 
