@@ -36,6 +36,7 @@ class Outbox:
         self.sweep_s = sweep_s
         self._queue: asyncio.Queue[RaisedAlert] = asyncio.Queue(maxsize=10_000)
         self.on_published: Callable[[RaisedAlert], None] | None = None
+        self._last_sweep_ms = 0
 
     def notify(self, alerts: list[RaisedAlert]) -> None:
         for a in alerts:
@@ -44,13 +45,15 @@ class Outbox:
             except asyncio.QueueFull:  # the sweep finds it in the table; nothing is lost
                 return
 
-    async def run(self) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set; what is left is in the table for the next start."""
         await self._sweep(0)
-        while True:
+        while not stop.is_set():
             try:
-                alert = await asyncio.wait_for(self._queue.get(), self.sweep_s)
+                alert = await asyncio.wait_for(self._queue.get(), min(self.sweep_s, 0.5))
             except TimeoutError:
-                await self._sweep(self.sweep_s)
+                if self.clock() - self._last_sweep_ms >= self.sweep_s * 1000:
+                    await self._sweep(self.sweep_s)
                 continue
             await self._deliver(alert)
 
@@ -71,7 +74,8 @@ class Outbox:
 
     async def _sweep(self, older_than_s: float) -> None:
         """Publish what is pending in the table (after a restart, or a failed publish)."""
-        cutoff = self.clock() - int(older_than_s * 1000)
+        self._last_sweep_ms = self.clock()
+        cutoff = self._last_sweep_ms - int(older_than_s * 1000)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(
                 select(Alert.alert_id, Alert.zone, Alert.payload, Alert.received_ms)

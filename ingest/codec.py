@@ -8,6 +8,7 @@ the 2.5 table that applies; it never raises anything else, whatever the bytes
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any, TypeGuard, cast
@@ -33,6 +34,7 @@ _U32 = (1 << 32) - 1
 _I63 = (1 << 63) - 1
 _WHITESPACE = b" \t\r\n"
 _REQUIRED = ("v", "boot", "seq", "sent_ms", "reads")
+_TAG_LINES = re.compile(r"(?:[0-9A-Fa-f]{1,16}\n)*")  # tags joined by newlines, one regex pass
 _NOT_A_READ: dict[str, object] = {"tag": "0"}  # a list item that is no object: a bad_value read
 
 
@@ -162,9 +164,13 @@ def _decode_json(payload: bytes, station: str, now_ms: int) -> ReadBatch:
 
 def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: int,
                 now_ms: int) -> ReadBatch:
-    # orjson hands us Python objects, so JSON is walked once per field here;
-    # each pass is a comprehension and the arrays are built once. Binary is the
-    # format for stations that send a lot.
+    fast = _json_columns_if_all_good(reads)
+    if fast is not None:
+        tag, ts, rssi, ant, flags = fast
+        ts, skewed = _unskew(ts, now_ms)
+        return ReadBatch(station, boot, seq, sent_ms, tag=tag, ts_ms=ts, rssi=rssi, ant=ant,
+                         flags=flags, skewed=skewed)
+    # Some read is bad: check each one, keep the good ones.
     objs = [r if type(r) is dict else _NOT_A_READ for r in reads]
     tags = [r.get("tag") for r in objs]
     tag_ok = np.fromiter((is_tag_text(t) for t in tags), dtype=np.bool_, count=len(objs))
@@ -190,6 +196,42 @@ def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: in
         ant=np.array([ant_raw[i] for i in keep], dtype=np.uint8),
         flags=np.array([flags_raw[i] for i in keep], dtype=np.uint16),
         bad_tag=bad_tag, bad_value=bad_value, skewed=skewed)
+
+
+def _json_columns_if_all_good(reads: list[Any]) -> tuple[Any, Any, Any, Any, Any] | None:
+    """The columns of a batch whose every read is good, checked a column at a time in C
+    (comprehensions, one regex over all tags, numpy range checks); None if any is not."""
+    try:
+        tags = [r["tag"] for r in reads]
+        ts = [r["ts_ms"] for r in reads]
+        rssi = [r.get("rssi", 0) for r in reads]
+        ant = [r.get("ant", 0) for r in reads]
+        flags = [r.get("flags", 0) for r in reads]
+    except (TypeError, KeyError, AttributeError):  # a read that is no object, or lacks a field
+        return None
+    if not reads:
+        empty = np.empty(0, dtype=np.int64)
+        return (empty.astype(np.uint64), empty, empty.astype(np.int8), empty.astype(np.uint8),
+                empty.astype(np.uint16))
+    if {type(t) for t in tags} != {str}:
+        return None
+    joined = "\n".join(tags) + "\n"
+    if joined.count("\n") != len(tags) or not _TAG_LINES.fullmatch(joined):
+        return None
+    for column in (ts, rssi, ant, flags):
+        if {type(v) for v in column} != {int}:  # bool, float, str, None: not an integer
+            return None
+    try:
+        ts_a = np.array(ts, dtype=np.int64)
+        small = np.array([rssi, ant, flags], dtype=np.int64)
+    except OverflowError:
+        return None
+    if (ts_a.min() < 0 or small[0].min() < -128 or small[0].max() > 0 or small[1].min() < 0
+            or small[1].max() > 255 or small[2].min() < 0 or small[2].max() > 0xFFFF):
+        return None
+    tag = np.array([int(t, 16) for t in tags], dtype=np.uint64)
+    return (tag, ts_a, small[0].astype(np.int8), small[1].astype(np.uint8),
+            small[2].astype(np.uint16))
 
 
 def _is_int(x: object) -> TypeGuard[int]:

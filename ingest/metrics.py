@@ -50,6 +50,9 @@ class Metrics:
             "bikewatch_group_seconds", "Time to process and commit one group of batches",
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
             registry=registry)
+        self.intake_waits = Counter(
+            "bikewatch_intake_waits", "Times the MQTT network thread waited for room in the "
+            "inbox (the broker sent more than our Receive Maximum)", registry=registry)
         self.db_retries = Counter("bikewatch_db_retries",
                                   "Group transactions retried after a database error",
                                   registry=registry)

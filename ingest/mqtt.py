@@ -38,24 +38,34 @@ from ingest.pipeline import Inbound
 
 log = logging.getLogger(__name__)
 
-SESSION_EXPIRY_S = 7 * 24 * 3600  # a worker may be down for a week and still find its reads
+SESSION_EXPIRY_S = 7 * 24 * 3600
+RECEIVE_SLACK = 16  # a worker may be down for a week and still find its reads
 
 
 class Inbox:
     """Messages from the network thread, taken by the consumer in groups."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int,
+                 on_wait: Callable[[], None] = lambda: None) -> None:
         self._loop = loop
+        self._on_wait = on_wait
         self._items: deque[Inbound] = deque()
         self._ready = asyncio.Event()
-        self.slots = threading.BoundedSemaphore(capacity)
+        # A few slots beyond what we advertise as Receive Maximum: Mosquitto 2.0 was
+        # measured sending one message past it, and the network thread must not block
+        # on a broker that keeps the limit (it would stop answering keep-alives).
+        self.slots = threading.BoundedSemaphore(capacity + RECEIVE_SLACK)
         self.capacity = capacity
         self.closed = False
+        self.waits = 0  # times the network thread waited for a slot
 
     def put_threadsafe(self, item: Inbound) -> None:
-        while not self.slots.acquire(timeout=0.5):  # backpressure: see the module docstring
-            if self.closed:
-                return
+        if not self.slots.acquire(blocking=False):
+            self.waits += 1  # backpressure: see the module docstring
+            self._on_wait()
+            while not self.slots.acquire(timeout=0.5):
+                if self.closed:
+                    return
         try:
             self._loop.call_soon_threadsafe(self._put, item)
         except RuntimeError:  # the loop is closed: we are shutting down, the broker keeps it
@@ -158,7 +168,8 @@ class MqttLink:
                        _p: Properties | None) -> None:
         self.connected.clear()
         if rc.value != 0:
-            log.warning("disconnected from the broker (%s); reconnecting", rc)
+            log.warning("disconnected from the broker (%s); reconnecting; %d in the inbox, "
+                        "%d waits for a slot so far", rc, len(self.inbox), self.inbox.waits)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self.inbox.put_threadsafe(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos,

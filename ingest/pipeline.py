@@ -82,7 +82,7 @@ class Pipeline:
     def __init__(self, engine: AsyncEngine, root: str, holder: StolenSetHolder,
                  health: StationHealth, metrics: Metrics, clock: Callable[[], int], *,
                  gap_ms: int = 60_000, late_after_ms: int = 300_000,
-                 dedupe_window: int = 1_000_000) -> None:
+                 dedupe_window: int = 50_000) -> None:
         self.engine = engine
         self.root = root.split("/")
         self.holder = holder
@@ -92,6 +92,8 @@ class Pipeline:
         self.late_after_ms = late_after_ms
         self.tracker = VisitTracker(gap_ms)
         self.directory: dict[str, StationInfo] = {}
+        # A memory of recent keys only saves the database a look at a repeat; the
+        # seen_batches table decides. 50,000 keys: a few seconds of a busy town.
         self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._seen_max = dedupe_window
         self._alerted: OrderedDict[tuple[str, str, int], None] = OrderedDict()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 0.25      # registry changes reach the hot path within a second (PROTOCOL.md 4)
 MAINTAIN_S = 30.0
+OPEN_VISITS_KEPT_MS = 10 * 60_000
 # Trajectories of bikes that are not stolen lag the reads by about this much; a longer
 # interval folds more of each visit's segments into one row before it is written.
 MATERIALIZE_S = 2.0
@@ -78,7 +79,8 @@ class Worker:
         """Run until `stop` is set. Raises ConfigError if the broker cannot be reached."""
         await self._refresh()
         await drain(self.engine)  # what a crashed run committed but did not fold in yet
-        inbox = Inbox(asyncio.get_running_loop(), self.settings.receive_maximum)
+        inbox = Inbox(asyncio.get_running_loop(), self.settings.receive_maximum,
+                      self.metrics.intake_waits.inc)
         link = MqttLink(self.settings, inbox, self.clock)
         sock = bind(self.settings.http_address())
         link.start()
@@ -96,23 +98,22 @@ class Worker:
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
                 consume = tg.create_task(self._consume(inbox, link, outbox), name="consume")
+                # These stop by themselves once `stop` is set, between two transactions:
+                # a task cancelled inside one could leave SQLite's write lock taken.
                 others = [
                     tg.create_task(self._every(REFRESH_S, self._refresh), name="refresh"),
-                    tg.create_task(outbox.run(), name="outbox"),
+                    tg.create_task(outbox.run(self.stop), name="outbox"),
                     tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
                     tg.create_task(self._every(MATERIALIZE_S, self._materialize),
                                    name="materialize"),
                     tg.create_task(self._every(HEALTH_PERSIST_S, self._persist_health),
                                    name="persist-health"),
-                    tg.create_task(server.serve(sockets=[sock]), name="http"),
                 ]
+                http = tg.create_task(server.serve(sockets=[sock]), name="http")
                 await self.stop.wait()
                 consume.cancel()  # cancellation lands only between groups, see _consume
                 server.should_exit = True
-                await asyncio.wait({consume})
-                for t in others:
-                    if t.get_name() != "http":
-                        t.cancel()
+                await asyncio.wait({consume, http, *others})
             await drain(self.engine)
             await persist(self.engine, self.health)
         finally:
@@ -146,8 +147,12 @@ class Worker:
         outbox.notify(result.alerts)
 
     async def _every(self, seconds: float, job: Callable[[], object]) -> None:
-        while True:
-            await asyncio.sleep(seconds)
+        """Run `job` every `seconds` until `stop` is set."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), seconds)
+            if self.stop.is_set():
+                return
             try:
                 await job()  # type: ignore[misc]
             except (DBAPIError, OSError) as exc:
@@ -187,7 +192,9 @@ class Worker:
             if newest is not None:
                 await conn.execute(delete(RejectRecord).where(
                     RejectRecord.id <= newest - REJECTS_KEPT))
-        self.pipeline.tracker.prune(now - 3_600_000)
+        # Open visits older than this can no longer continue; only a late read could
+        # still meet them, and the late path looks in the table anyway.
+        self.pipeline.tracker.prune(now - OPEN_VISITS_KEPT_MS)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

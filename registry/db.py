@@ -32,8 +32,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA foreign_keys=ON")
-    # 64 MiB of page cache: visits are upserted in tag order, all over the B-tree.
-    cur.execute("PRAGMA cache_size=-65536")
+    # 16 MiB of page cache per connection (the default is 2): visits are upserted
+    # in tag order, all over the B-tree. There are up to 10 connections.
+    cur.execute("PRAGMA cache_size=-16384")
     cur.close()
     # SQLAlchemy emits BEGIN itself (see _sqlite_begin), not the driver.
     dbapi_conn.isolation_level = None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
@@ -13,9 +14,12 @@ import pytest
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary, encode_json
+from ingest.config import Settings
+from ingest.service import Worker
 from registry.cases import recover_theft, report_theft
 from registry.imports import import_stations, import_vehicles
 from registry.queries import list_rejects, trajectory
+from simulator.publisher import StationPublisher
 from tests.helpers import Police, publisher, running_worker, settings_for, until
 
 pytestmark = pytest.mark.broker
@@ -33,7 +37,7 @@ STOLEN = 0xA1B2C3
 INNOCENT = 0xA1B2C4
 
 
-async def _registry(db_url: str, worker_engine: object) -> None:
+async def _registry(db_url: str) -> None:
     from registry.db import open_database
 
     engine = await open_database(db_url)
@@ -43,157 +47,144 @@ async def _registry(db_url: str, worker_engine: object) -> None:
     await engine.dispose()
 
 
-def _metric(worker: object, name: str, **labels: str) -> float:
-    return worker.registry.get_sample_value(name, labels or None) or 0.0  # type: ignore[attr-defined]
+@contextlib.asynccontextmanager
+async def _town(broker: BrokerHandle, db_url: str, alerts: str | None,
+                ) -> AsyncIterator[tuple[Settings, Worker, Police, StationPublisher]]:
+    """The registry above, a running worker, a station publisher, and a police receiver
+    on `{root}/alerts/{alerts}` (all zones when None)."""
+    settings = settings_for(broker, db_url)
+    await _registry(db_url)
+    police = Police(settings, f"{settings.mqtt_root}/alerts/{alerts or '#'}")
+    pub = publisher(settings)
+    try:
+        async with running_worker(settings) as worker:
+            yield settings, worker, police, pub
+    finally:
+        pub.close()
+        police.close()
+
+
+def _metric(worker: Worker, name: str, **labels: str) -> float:
+    return worker.registry.get_sample_value(name, labels or None) or 0.0
 
 
 class TestStolenSighting:
     async def test_alert_per_visit_with_trajectory(self, broker: BrokerHandle,
                                                    sqlite_url: str) -> None:
-        settings = settings_for(broker, sqlite_url)
-        await _registry(sqlite_url, None)
-        police = Police(settings, f"{settings.mqtt_root}/alerts/+")
-        pub = publisher(settings)
-        try:
-            async with running_worker(settings) as worker:
-                await until(lambda: len(worker.holder.current) == 1, 5)
-                t0 = wall_ms() - 200_000
-                tags = np.array([INNOCENT, STOLEN, STOLEN], np.uint64)
-                pub.reads("SP-0040", tags, np.array([t0, t0, t0 + 5000]), np.array([-50, -60, -55]),
-                          t0)
-                # the same visit, a later batch: no second alert
-                pub.reads("SP-0040", tags[1:2], np.array([t0 + 20_000]), np.array([-58]), t0)
-                # another station, 2 minutes later: update 2
-                pub.reads("SP-0042", tags[1:2], np.array([t0 + 140_000]), np.array([-40]), t0)
-                alerts = await police.wait_for(2)
-                await asyncio.sleep(0.3)
-                assert len(police.alerts) == 2
-                first, second = alerts
-                assert police.topics == [f"{settings.mqtt_root}/alerts/shangpan"] * 2
-                assert (first["kind"], first["case_id"], first["update"], first["tag"]) == (
-                    "stolen_sighting", "LH-2026-0042", 1, "00a1b2c3")
-                assert first["vehicle"] == {"plate": "ZJ-J12345", "brand": "Yadea",
-                                            "color": "white"}
-                assert first["station"] == {"id": "SP-0040", "name": "Harbour Rd / 2nd St",
-                                            "lat": 28.72, "lon": 121.54, "zone": "shangpan"}
-                assert first["seen_ms"] == t0 and first["late"] is False
-                assert first["speed_kmh"] is None and first["heading_deg"] is None
-                assert first["next_stations"] == []
-                assert second["update"] == 2
-                traj = second["trajectory"]
-                assert [v["station"] for v in traj] == ["SP-0040", "SP-0042"]  # type: ignore[index, union-attr]
-                assert traj[0]["first_ms"] == t0 and traj[0]["last_ms"] == t0 + 20_000  # type: ignore[index]
-                # 1.479 km from the end of the last visit to this one, 120 s: 44.4 km/h, NE
-                assert second["speed_kmh"] == pytest.approx(44.4, abs=0.1)
-                assert 30 < second["heading_deg"] < 60  # type: ignore[operator]
-                assert first["alert_id"] != second["alert_id"] and len(first["alert_id"]) == 26  # type: ignore[arg-type]
-                assert _metric(worker, "bikewatch_alerts_total", kind="stolen_sighting") == 2
-                assert _metric(worker, "bikewatch_reads_total") == 5
-                assert _metric(worker, "bikewatch_alert_latency_seconds_count") == 2
-                visits = await trajectory(worker.engine, STOLEN)
-                assert [(v["station"], v["reads"]) for v in visits] == [
-                    ("SP-0040", 3), ("SP-0042", 1)]
-        finally:
-            pub.close()
-            police.close()
+        async with _town(broker, sqlite_url, "+") as (settings, worker, police, pub):
+            await until(lambda: len(worker.holder.current) == 1, 5)
+            t0 = wall_ms() - 200_000
+            tags = np.array([INNOCENT, STOLEN, STOLEN], np.uint64)
+            pub.reads("SP-0040", tags, np.array([t0, t0, t0 + 5000]), np.array([-50, -60, -55]),
+                      t0)
+            # the same visit, a later batch: no second alert
+            pub.reads("SP-0040", tags[1:2], np.array([t0 + 20_000]), np.array([-58]), t0)
+            # another station, 2 minutes later: update 2
+            pub.reads("SP-0042", tags[1:2], np.array([t0 + 140_000]), np.array([-40]), t0)
+            alerts = await police.wait_for(2)
+            await asyncio.sleep(0.3)
+            assert len(police.alerts) == 2
+            first, second = alerts
+            assert police.topics == [f"{settings.mqtt_root}/alerts/shangpan"] * 2
+            assert (first["kind"], first["case_id"], first["update"], first["tag"]) == (
+                "stolen_sighting", "LH-2026-0042", 1, "00a1b2c3")
+            assert first["vehicle"] == {"plate": "ZJ-J12345", "brand": "Yadea",
+                                        "color": "white"}
+            assert first["station"] == {"id": "SP-0040", "name": "Harbour Rd / 2nd St",
+                                        "lat": 28.72, "lon": 121.54, "zone": "shangpan"}
+            assert first["seen_ms"] == t0 and first["late"] is False
+            assert first["speed_kmh"] is None and first["heading_deg"] is None
+            assert first["next_stations"] == []
+            assert second["update"] == 2
+            traj = second["trajectory"]
+            assert [v["station"] for v in traj] == ["SP-0040", "SP-0042"]  # type: ignore[index, union-attr]
+            assert traj[0]["first_ms"] == t0 and traj[0]["last_ms"] == t0 + 20_000  # type: ignore[index]
+            # 1.479 km from the end of the last visit to this one, 120 s: 44.4 km/h, NE
+            assert second["speed_kmh"] == pytest.approx(44.4, abs=0.1)
+            assert 30 < second["heading_deg"] < 60  # type: ignore[operator]
+            assert first["alert_id"] != second["alert_id"] and len(first["alert_id"]) == 26  # type: ignore[arg-type]
+            assert _metric(worker, "bikewatch_alerts_total", kind="stolen_sighting") == 2
+            assert _metric(worker, "bikewatch_reads_total") == 5
+            assert _metric(worker, "bikewatch_alert_latency_seconds_count") == 2
+            visits = await trajectory(worker.engine, STOLEN)
+            assert [(v["station"], v["reads"]) for v in visits] == [
+                ("SP-0040", 3), ("SP-0042", 1)]
 
     async def test_recovered_case_raises_nothing_and_reports_reach_the_worker_fast(
             self, broker: BrokerHandle, sqlite_url: str) -> None:
-        settings = settings_for(broker, sqlite_url)
-        await _registry(sqlite_url, None)
-        police = Police(settings, f"{settings.mqtt_root}/alerts/#")
-        pub = publisher(settings)
-        try:
-            async with running_worker(settings) as worker:
-                await recover_theft(worker.engine, "LH-2026-0042", wall_ms())
-                assert await until(lambda: len(worker.holder.current) == 0, 1.0)
-                t0 = wall_ms()
-                pub.reads("SP-0040", np.array([STOLEN], np.uint64), np.array([t0]),
-                          np.array([-50]), t0)
-                assert await until(lambda: _metric(worker, "bikewatch_reads_total") == 1)
-                started = time.monotonic()
-                await report_theft(worker.engine, INNOCENT, "LH-2", t0 - 1000, wall_ms())
-                assert await until(lambda: len(worker.holder.current) == 1, 1.0)
-                assert time.monotonic() - started < 1.0
-                pub.reads("SP-0050", np.array([INNOCENT], np.uint64), np.array([t0 + 1]),
-                          np.array([-50]), t0)
-                alerts = await police.wait_for(1)
-                await asyncio.sleep(0.3)
-                assert [a["case_id"] for a in police.alerts] == ["LH-2"]
-                assert police.topics == [f"{settings.mqtt_root}/alerts/xiaozhi"]
-                assert alerts[0]["update"] == 1
-        finally:
-            pub.close()
-            police.close()
+        async with _town(broker, sqlite_url, None) as (settings, worker, police, pub):
+            await recover_theft(worker.engine, "LH-2026-0042", wall_ms())
+            assert await until(lambda: len(worker.holder.current) == 0, 1.0)
+            t0 = wall_ms()
+            pub.reads("SP-0040", np.array([STOLEN], np.uint64), np.array([t0]),
+                      np.array([-50]), t0)
+            assert await until(lambda: _metric(worker, "bikewatch_reads_total") == 1)
+            started = time.monotonic()
+            await report_theft(worker.engine, INNOCENT, "LH-2", t0 - 1000, wall_ms())
+            assert await until(lambda: len(worker.holder.current) == 1, 1.0)
+            assert time.monotonic() - started < 1.0
+            pub.reads("SP-0050", np.array([INNOCENT], np.uint64), np.array([t0 + 1]),
+                      np.array([-50]), t0)
+            alerts = await police.wait_for(1)
+            await asyncio.sleep(0.3)
+            assert [a["case_id"] for a in police.alerts] == ["LH-2"]
+            assert police.topics == [f"{settings.mqtt_root}/alerts/xiaozhi"]
+            assert alerts[0]["update"] == 1
 
     async def test_unknown_station_alerts_go_to_unassigned(self, broker: BrokerHandle,
                                                            sqlite_url: str) -> None:
-        settings = settings_for(broker, sqlite_url)
-        await _registry(sqlite_url, None)
-        police = Police(settings, f"{settings.mqtt_root}/alerts/unassigned")
-        pub = publisher(settings)
-        try:
-            async with running_worker(settings) as worker:
-                t0 = wall_ms()
-                pub.reads("XX-9", np.array([STOLEN], np.uint64), np.array([t0]), np.array([0]),
-                          t0)
-                alerts = await police.wait_for(1)
-                assert alerts and alerts[0]["station"] == {
-                    "id": "XX-9", "name": "", "lat": None, "lon": None, "zone": "unassigned"}
-                assert _metric(worker, "bikewatch_unknown_station_batches_total") == 1
-                assert _metric(worker, "bikewatch_station_up", station="XX-9",
-                               zone="unassigned") == 0
-                assert worker.registry.get_sample_value(
-                    "bikewatch_station_up", {"station": "XX-9", "zone": "unassigned"}) is None
-        finally:
-            pub.close()
-            police.close()
+        async with _town(broker, sqlite_url, "unassigned") as (_, worker, police, pub):
+            t0 = wall_ms()
+            pub.reads("XX-9", np.array([STOLEN], np.uint64), np.array([t0]), np.array([0]),
+                      t0)
+            alerts = await police.wait_for(1)
+            assert alerts and alerts[0]["station"] == {
+                "id": "XX-9", "name": "", "lat": None, "lon": None, "zone": "unassigned"}
+            assert _metric(worker, "bikewatch_unknown_station_batches_total") == 1
+            assert _metric(worker, "bikewatch_station_up", station="XX-9",
+                           zone="unassigned") == 0
+            assert worker.registry.get_sample_value(
+                "bikewatch_station_up", {"station": "XX-9", "zone": "unassigned"}) is None
 
 
 class TestIntake:
-    async def test_duplicates_rejects_and_metrics(self, broker: BrokerHandle, db_url: str,
-                                                  tmp_path: Path) -> None:
-        settings = settings_for(broker, db_url)
-        await _registry(db_url, None)
-        pub = publisher(settings)
-        root = settings.mqtt_root
-        try:
-            async with running_worker(settings) as worker:
-                t0 = wall_ms()
-                good = encode_binary(7, 1, t0, [1, 2, 3], [0, 1, 2], [-50, 0, -60])
-                for _ in range(3):  # a station resending after a reconnect
-                    pub.raw(f"{root}/stations/SP-0040/reads", good)
-                pub.raw(f"{root}/stations/SP-0040/reads", b"[not an object]")
-                pub.raw(f"{root}/stations/SP-0040/reads", b'{"v": 1, "boot"')
-                pub.raw(f"{root}/stations/SP-0042/reads", encode_json(1, 1, t0, [5], [t0],
-                                                                    station="SP-0040"))
-                pub.raw(f"{root}/stations/SP-0042/reads", b'{"v":1,"boot":1,"seq":2,"sent_ms":1,'
-                        b'"reads":[{"tag":"zz","ts_ms":1},{"tag":"01","ts_ms":1}]}')
-                # same seq, another boot: a different batch
-                pub.raw(f"{root}/stations/SP-0040/reads", encode_binary(8, 1, t0, [1], [0]))
-                pub.status("SP-0040", "online")
-                pub.heartbeat("SP-0040", t0)
-                assert await until(lambda: _metric(worker, "bikewatch_reads_total") == 5)
-                assert await until(lambda: _metric(
-                    worker, "bikewatch_stations_online_ratio") == pytest.approx(1 / 3))
-                assert _metric(worker, "bikewatch_duplicate_batches_total") == 2
-                assert _metric(worker, "bikewatch_rejected_total", reason="bad_format") == 1
-                assert _metric(worker, "bikewatch_rejected_total", reason="bad_json") == 1
-                assert _metric(worker, "bikewatch_rejected_total",
-                               reason="station_mismatch") == 1
-                assert _metric(worker, "bikewatch_rejected_reads_total", reason="bad_tag") == 1
-                assert _metric(worker, "bikewatch_station_up", station="SP-0040",
-                               zone="shangpan") == 1
-                assert _metric(worker, "bikewatch_station_up", station="SP-0042",
-                               zone="shangpan") == 0
-                rejects = await list_rejects(worker.engine)
-                assert {r["reason"] for r in rejects} == {"bad_format", "bad_json",
-                                                          "station_mismatch", "bad_tag"}
-                async with httpx.AsyncClient(base_url=f"http://{settings.http}") as http:
-                    text = (await http.get("/metrics")).text
-                    assert 'bikewatch_rejected_total{reason="bad_json"} 1.0' in text
-                    api = (await http.get("/api/v1/rejects", params={"reason": "bad_tag"})).json()
-                    assert [r["reads"] for r in api] == [1]
-                    assert (await http.get("/api/v1/trajectory/0x1")).status_code == 400
-        finally:
-            pub.close()
+    async def test_duplicates_rejects_and_metrics(self, broker: BrokerHandle,
+                                                  db_url: str) -> None:
+        async with _town(broker, db_url, None) as (settings, worker, _, pub):
+            root = settings.mqtt_root
+            t0 = wall_ms()
+            good = encode_binary(7, 1, t0, [1, 2, 3], [0, 1, 2], [-50, 0, -60])
+            for _ in range(3):  # a station resending after a reconnect
+                pub.raw(f"{root}/stations/SP-0040/reads", good)
+            pub.raw(f"{root}/stations/SP-0040/reads", b"[not an object]")
+            pub.raw(f"{root}/stations/SP-0040/reads", b'{"v": 1, "boot"')
+            pub.raw(f"{root}/stations/SP-0042/reads", encode_json(1, 1, t0, [5], [t0],
+                                                                station="SP-0040"))
+            pub.raw(f"{root}/stations/SP-0042/reads", b'{"v":1,"boot":1,"seq":2,"sent_ms":1,'
+                    b'"reads":[{"tag":"zz","ts_ms":1},{"tag":"01","ts_ms":1}]}')
+            # same seq, another boot: a different batch
+            pub.raw(f"{root}/stations/SP-0040/reads", encode_binary(8, 1, t0, [1], [0]))
+            pub.status("SP-0040", "online")
+            pub.heartbeat("SP-0040", t0)
+            assert await until(lambda: _metric(worker, "bikewatch_reads_total") == 5)
+            assert await until(lambda: _metric(
+                worker, "bikewatch_stations_online_ratio") == pytest.approx(1 / 3))
+            assert _metric(worker, "bikewatch_duplicate_batches_total") == 2
+            assert _metric(worker, "bikewatch_rejected_total", reason="bad_format") == 1
+            assert _metric(worker, "bikewatch_rejected_total", reason="bad_json") == 1
+            assert _metric(worker, "bikewatch_rejected_total",
+                           reason="station_mismatch") == 1
+            assert _metric(worker, "bikewatch_rejected_reads_total", reason="bad_tag") == 1
+            assert _metric(worker, "bikewatch_station_up", station="SP-0040",
+                           zone="shangpan") == 1
+            assert _metric(worker, "bikewatch_station_up", station="SP-0042",
+                           zone="shangpan") == 0
+            rejects = await list_rejects(worker.engine)
+            assert {r["reason"] for r in rejects} == {"bad_format", "bad_json",
+                                                      "station_mismatch", "bad_tag"}
+            async with httpx.AsyncClient(base_url=f"http://{settings.http}") as http:
+                text = (await http.get("/metrics")).text
+                assert 'bikewatch_rejected_total{reason="bad_json"} 1.0' in text
+                api = (await http.get("/api/v1/rejects", params={"reason": "bad_tag"})).json()
+                assert [r["reads"] for r in api] == [1]
+                assert (await http.get("/api/v1/trajectory/0x1")).status_code == 400
