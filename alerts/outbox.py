@@ -65,11 +65,13 @@ class Outbox:
             return False
         now = self.clock()
         self.observe_latency(max(0.0, (now - alert.received_ms) / 1000))
+        if self.on_published is not None:
+            self.on_published(alert)
+        # Marked after the broker's PUBACK: a crash in between publishes it again, with
+        # the same alert_id, which receivers drop.
         async with self.engine.begin() as conn:
             await conn.execute(update(Alert).where(Alert.alert_id == alert.alert_id)
                                .values(published_ms=now))
-        if self.on_published is not None:
-            self.on_published(alert)
         return True
 
     async def _sweep(self, older_than_s: float) -> None:

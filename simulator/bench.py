@@ -213,7 +213,7 @@ async def _bare_aiomqtt(broker: BrokerHandle, root: str, seconds: float) -> floa
 
 
 async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: float = 0,
-                      stolen_every: int = 0, report_rss: bool = False,
+                      stolen_every: int = 0, db_url: str | None = None,
                       ) -> tuple[float, list[float], tuple[int, int]]:
     from ingest.service import Worker
     from registry.cases import report_theft
@@ -223,7 +223,8 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
     with tempfile.TemporaryDirectory() as tmp:
         root = f"bench{uuid.uuid4().hex[:6]}"
         settings = Settings.load(None, broker.settings_overrides() | {
-            "BIKEWATCH_DB_URL": f"sqlite+aiosqlite:///{tmp}/b.db", "BIKEWATCH_MQTT_ROOT": root,
+            "BIKEWATCH_DB_URL": db_url or f"sqlite+aiosqlite:///{tmp}/b.db",
+            "BIKEWATCH_MQTT_ROOT": root,
             "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}",
             "BIKEWATCH_CLIENT_ID": f"benchw-{uuid.uuid4().hex[:6]}"})
         engine = await open_database(settings.db_url)
@@ -265,10 +266,11 @@ def _rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
-async def bench_e2e(seconds: float, soak: float) -> None:
+async def bench_e2e(seconds: float, soak: float, db_url: str | None) -> None:
     broker = start_broker()
     try:
         print(f"\n== end to end through {broker.kind} on 127.0.0.1, QoS 1, "
+              f"database {db_url or 'SQLite (a temporary file)'}, "
               f"{READS_PER_BATCH} reads per batch ({BIKES_IN_RANGE} bikes in range, "
               f"{VISIT_BATCHES} batches a visit), {STATIONS} stations, {seconds:.0f} s each ==")
         bare = await asyncio.to_thread(_bare_paho, broker, f"bare{uuid.uuid4().hex[:6]}",
@@ -278,7 +280,7 @@ async def bench_e2e(seconds: float, soak: float) -> None:
         aio = await _bare_aiomqtt(broker, f"aio{uuid.uuid4().hex[:6]}", seconds)
         print(f"bare aiomqtt subscriber:   {aio:>10,.0f} messages/s ({aio / bare:.2f} of paho)")
         for fmt in ("binary", "json"):
-            rate, _, _ = await _worker_run(broker, seconds, fmt)
+            rate, _, _ = await _worker_run(broker, seconds, fmt, db_url=db_url)
             print(f"worker, {fmt:<6}:            {rate:>10,.0f} reads/s = "
                   f"{rate / READS_PER_BATCH:,.0f} batches/s ({rate / READS_PER_BATCH / bare:.2f} "
                   f"of the bare subscriber)")
@@ -286,13 +288,13 @@ async def bench_e2e(seconds: float, soak: float) -> None:
                 top = rate / READS_PER_BATCH
         half = top / 2
         _, lat, _ = await _worker_run(broker, seconds, "binary", rate=half,
-                                      stolen_every=STATIONS + 1)
+                                      stolen_every=STATIONS + 1, db_url=db_url)
         if lat:
             p50, p99 = np.percentile(lat, [50, 99])
             print(f"alert latency at half load ({half:,.0f} batches/s, {len(lat)} alerts): "
                   f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
         if soak:
-            rate, _, (r0, r1) = await _worker_run(broker, soak, "binary")
+            rate, _, (r0, r1) = await _worker_run(broker, soak, "binary", db_url=db_url)
             print(f"soak {soak:.0f} s at full load: {rate:,.0f} reads/s, "
                   f"RSS {r0} MB at start, {r1} MB at end (bench process, worker in it)")
     finally:
@@ -304,7 +306,7 @@ async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.
     bench_matching(args.quick)
     bench_decode()
     if not args.skip_e2e:
-        await bench_e2e(args.seconds, args.soak)
+        await bench_e2e(args.seconds, args.soak, args.db_url)
     return 0
 
 

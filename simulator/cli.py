@@ -28,6 +28,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="length of each end-to-end run")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--skip-e2e", action="store_true", help="only the in-process figures")
+    p.add_argument("--db-url", metavar="URL",
+                   help="database for the end-to-end runs (default: a temporary SQLite file)")
     p.add_argument("--soak", type=float, default=0, metavar="S",
                    help="also run the worker at full load for S seconds, RSS at start and end")
 
