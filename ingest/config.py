@@ -93,9 +93,9 @@ class Settings:
             raise ConfigError("BIKEWATCH_SHARE_GROUP", f"{self.share_group!r} is not a group name")
         if self.mqtt_protocol not in ("5", "3.1.1"):
             raise ConfigError("BIKEWATCH_MQTT_PROTOCOL", f"{self.mqtt_protocol!r}: use 5 or 3.1.1")
-        if not 1 <= self.receive_maximum <= 65_000:
+        if not 1 <= self.receive_maximum <= 30_000:  # the inbox holds twice this (ingest.mqtt)
             raise ConfigError("BIKEWATCH_RECEIVE_MAXIMUM",
-                              f"{self.receive_maximum} is not in 1..65000")
+                              f"{self.receive_maximum} is not in 1..30000")
         for name in ("group_messages", "visit_gap_s", "late_after_s", "heartbeat_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"BIKEWATCH_{name.upper()}", "must be positive")

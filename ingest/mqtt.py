@@ -8,10 +8,11 @@ already acknowledged. `bikewatch bench` measures both subscribers.
 The network callback does one thing: append the message to the inbox (through
 `call_soon_threadsafe`) after taking a slot of a bounded semaphore. The slots
 are the in-flight bound (DESIGN.md decision 5): with MQTT 5 the broker itself
-sends no more than our Receive Maximum unacknowledged messages, so the
-semaphore never blocks there; with MQTT 3.1.1 (amqtt) a full inbox blocks the
-network thread, which stops reading the socket, and TCP pushes back on the
-broker. Either way fewer than 65,535 QoS 1 messages are ever unacknowledged.
+keeps (about) to our Receive Maximum of unacknowledged messages, and the
+semaphore, twice as large, does not block there; with MQTT 3.1.1 (amqtt) a
+full inbox blocks the network thread, which stops reading the socket, and TCP
+pushes back on the broker. Either way far fewer than 65,535 QoS 1 messages
+are unacknowledged (receive_maximum is at most 30,000: Settings.validate).
 
 Sessions are persistent (clean_start False, a long session expiry), so a
 worker that dies with messages unacknowledged gets them again, or another
@@ -38,8 +39,7 @@ from ingest.pipeline import Inbound
 
 log = logging.getLogger(__name__)
 
-SESSION_EXPIRY_S = 7 * 24 * 3600
-RECEIVE_SLACK = 16  # a worker may be down for a week and still find its reads
+SESSION_EXPIRY_S = 7 * 24 * 3600  # a worker may be down for a week and still find its reads
 
 
 class Inbox:
@@ -51,10 +51,12 @@ class Inbox:
         self._on_wait = on_wait
         self._items: deque[Inbound] = deque()
         self._ready = asyncio.Event()
-        # A few slots beyond what we advertise as Receive Maximum: Mosquitto 2.0 was
-        # measured sending one message past it, and the network thread must not block
-        # on a broker that keeps the limit (it would stop answering keep-alives).
-        self.slots = threading.BoundedSemaphore(capacity + RECEIVE_SLACK)
+        # Twice what we advertise as Receive Maximum. Under load, Mosquitto 2.0.11 was
+        # measured sending past it (by 1, and by 17 and more around reconnects), and a
+        # network thread blocked here stops answering keep-alives: the broker then drops
+        # the connection. The broker's limit bounds memory; this one only guards
+        # against a broker that ignores it.
+        self.slots = threading.BoundedSemaphore(capacity * 2)
         self.capacity = capacity
         self.closed = False
         self.waits = 0  # times the network thread waited for a slot

@@ -4,7 +4,8 @@
     dedupe      drop (station, boot, seq) seen before: memory window, then the
                 seen_batches table (the database decides; the window saves a trip)
     match       all tags of the group against the stolen snapshot in one call
-    fold        reads into station visits (ingest.visits), upserted in one statement
+    fold        reads into station visit segments (ingest.visits), committed as one
+                visit-log row (ingest.visitlog); stolen tags' segments straight to visits
     alert       one alert per stolen tag's visit (alerts.engine), outbox row included
     health      heartbeats, status and reads move each station's last-heard time
 

@@ -14,11 +14,6 @@ def insert_ignore(conn: AsyncConnection, model: Any) -> Any:
     return _insert(conn, model).on_conflict_do_nothing()
 
 
-def insert_for(conn: AsyncConnection, model: Any) -> Any:
-    """The dialect's INSERT, which has `on_conflict_do_update` and `excluded`."""
-    return _insert(conn, model)
-
-
 def _insert(conn: AsyncConnection, model: Any) -> Any:
     table = getattr(model, "__table__", model)
     if conn.dialect.name == "postgresql":
