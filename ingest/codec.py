@@ -114,13 +114,9 @@ def _binary_columns(meta: list[tuple[int, str, int, int, int, int, int]],
         tag, ts, rssi, ant, flags = tag[keep], ts[keep], rssi[keep], ant[keep], flags[keep]
         batch_of = batch_of[keep]
         counts = counts - bad_per
-    now = np.array([m[6] for m in meta], dtype=np.int64)
-    skew_per = np.zeros(n, dtype=np.int64)
-    if len(ts) and ts.max() > now.min() + SKEW_LIMIT_MS:
-        recv = now[batch_of]
-        ahead = ts > recv + SKEW_LIMIT_MS
-        ts = np.where(ahead, recv, ts)
-        skew_per = np.bincount(batch_of[ahead], minlength=n)
+    ts, ahead = _unskew(ts, np.array([m[6] for m in meta], dtype=np.int64)[batch_of])
+    skew_per = (np.bincount(batch_of[ahead], minlength=n) if ahead is not None
+                else np.zeros(n, dtype=np.int64))
     ends = np.cumsum(counts).tolist()
     starts = [0, *ends[:-1]]
     return [ReadBatch(m[1], m[2], m[3], m[4], tag=tag[a:b], ts_ms=ts[a:b], rssi=rssi[a:b],
@@ -167,9 +163,9 @@ def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: in
     fast = _json_columns_if_all_good(reads)
     if fast is not None:
         tag, ts, rssi, ant, flags = fast
-        ts, skewed = _unskew(ts, now_ms)
+        ts, ahead = _unskew(ts, now_ms)
         return ReadBatch(station, boot, seq, sent_ms, tag=tag, ts_ms=ts, rssi=rssi, ant=ant,
-                         flags=flags, skewed=skewed)
+                         flags=flags, skewed=_count(ahead))
     # Some read is bad: check each one, keep the good ones.
     objs = [r if type(r) is dict else _NOT_A_READ for r in reads]
     tags = [r.get("tag") for r in objs]
@@ -189,7 +185,8 @@ def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: in
     keep = np.flatnonzero(good).tolist() if bad_tag or bad_value else range(len(objs))
     tag = np.array([int(cast(str, tags[i]), 16) for i in keep], dtype=np.uint64)
     ts = np.array([ts_raw[i] for i in keep], dtype=np.int64)
-    ts, skewed = _unskew(ts, now_ms)
+    ts, ahead = _unskew(ts, now_ms)
+    skewed = _count(ahead)
     return ReadBatch(
         station, boot, seq, sent_ms, tag=tag, ts_ms=ts,
         rssi=np.array([rssi_raw[i] for i in keep], dtype=np.int8),
@@ -238,12 +235,23 @@ def _is_int(x: object) -> TypeGuard[int]:
     return type(x) is int  # bool is an int subclass; JSON true is not a number
 
 
-def _unskew(ts: np.ndarray[Any, np.dtype[np.int64]], now_ms: int,
-            ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], int]:
-    if not len(ts) or ts.max() <= now_ms + SKEW_LIMIT_MS:
-        return ts, 0
-    ahead = ts > now_ms + SKEW_LIMIT_MS
-    return np.where(ahead, np.int64(now_ms), ts), int(np.count_nonzero(ahead))
+def _count(mask: np.ndarray[Any, Any] | None) -> int:
+    return 0 if mask is None else int(np.count_nonzero(mask))
+
+
+def _unskew(ts: np.ndarray[Any, np.dtype[np.int64]],
+            now_ms: int | np.ndarray[Any, np.dtype[np.int64]],
+            ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, Any] | None]:
+    """Reads more than 5 minutes ahead of the receive time take the receive time
+    (PROTOCOL.md 2.5); `now_ms` is one time or one per read. Returns the times and
+    the mask of reads replaced (None when there were none)."""
+    limit = now_ms + SKEW_LIMIT_MS
+    if not len(ts) or ts.max() <= np.min(limit):
+        return ts, None
+    ahead = ts > limit
+    if not ahead.any():
+        return ts, None
+    return np.where(ahead, now_ms, ts), ahead
 
 
 # -- encoding: what stations send (the simulator and the tests use these) --

@@ -226,11 +226,15 @@ class Pipeline:
             return
         segs = self.tracker.fold(tag, station, ts, rssi)
         snapshot = self.holder.current
-        key_first = await self._write_visits(conn, segs, snapshot)
-        await self._alerts(conn, snapshot, tag, ts, received, segs, key_first, result)
+        read_idx, entry = snapshot.match(tag)  # the one membership test of the group
+        stolen = np.zeros(len(segs), dtype=np.bool_)
+        stolen[segs.read_seg[read_idx]] = True
+        key_first = await self._write_visits(conn, segs, stolen)
+        await self._alerts(conn, snapshot, read_idx, entry, tag, ts, received, segs, key_first,
+                           result)
 
     async def _write_visits(self, conn: AsyncConnection, segs: Segments,
-                            snapshot: StolenSet) -> np.ndarray:
+                            stolen: np.ndarray) -> np.ndarray:
         """Make the segments durable; returns each one's visit key (first_ms) as stored.
 
         Stolen tags' segments go straight into `visits` (their alert reads the
@@ -238,8 +242,6 @@ class Pipeline:
         others go to the visit log as one row (ingest.visitlog)."""
         key_first = segs.first_ms.copy()
         names = self.tracker.station_names()
-        stolen = np.zeros(len(segs), dtype=np.bool_)
-        stolen[snapshot.match(segs.tag)[0]] = True
         normal = ~segs.late
         direct = np.flatnonzero(normal & stolen)
         logged = np.flatnonzero(normal & ~stolen)
@@ -278,10 +280,9 @@ class Pipeline:
         # The stored visit keeps its key (first_ms): alerts already raised refer to it.
         return int(row.first_ms)
 
-    async def _alerts(self, conn: AsyncConnection, snapshot: StolenSet, tag: np.ndarray,
-                      ts: np.ndarray, received: np.ndarray, segs: Segments,
-                      key_first: np.ndarray, result: GroupResult) -> None:
-        read_idx, entry = snapshot.match(tag)
+    async def _alerts(self, conn: AsyncConnection, snapshot: StolenSet, read_idx: np.ndarray,
+                      entry: np.ndarray, tag: np.ndarray, ts: np.ndarray, received: np.ndarray,
+                      segs: Segments, key_first: np.ndarray, result: GroupResult) -> None:
         if not len(read_idx):
             return
         after = ts[read_idx] >= snapshot.stolen_at_ms[entry]  # reads before the theft don't count
