@@ -12,15 +12,17 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ingest.clock import wall_ms
+from ingest.clock import parse_iso, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
+from ingest.reports import FORMATS
 from registry.errors import Refused, StoreError
 from registry.tags import BadTag, format_tag, parse_tag
 
@@ -77,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     rejects.add_argument("--station")
     rejects.add_argument("--json", action="store_true")
 
+    reports = sub.add_parser("report", help="reports for operators").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    uptime = reports.add_parser("uptime", help="station availability against the target")
+    uptime.add_argument("--from", dest="from_", metavar="ISO8601",
+                        help="window start (default: 30 days before --to)")
+    uptime.add_argument("--to", metavar="ISO8601", help="window end (default: now)")
+    uptime.add_argument("--zone", help="one police zone only")
+    uptime.add_argument("--format", choices=FORMATS, default="table")
+
     from simulator.cli import add_bench_parser, add_simulate_parser
 
     add_simulate_parser(sub)
@@ -87,12 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_time(text: str, settings: Settings, option: str) -> int:
     """ISO 8601 to epoch ms; a time without an offset is in the configured zone."""
     try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{option}: {text!r} is not an ISO 8601 time") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=settings.tz)
-    return int(when.timestamp() * 1000)
+        return parse_iso(text, settings.tz)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def _tag(text: str) -> int:
@@ -198,6 +206,26 @@ async def _rejects(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, job)
 
 
+async def _report(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.reports import as_csv, as_json, as_table, uptime_for
+
+    async def job(engine: Any) -> int:
+        try:
+            report = await uptime_for(engine, settings, args.from_, args.to, args.zone,
+                                      wall_ms())
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if args.format == "json":
+            print(json.dumps(as_json(report), indent=2))
+        elif args.format == "csv":
+            print(as_csv(report), end="")
+        else:
+            print(as_table(report, shutil.get_terminal_size((100, 24)).columns), end="")
+        return EXIT_OK
+
+    return await _with_db(settings, job)
+
+
 def _iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds")
 
@@ -237,6 +265,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             return await _trajectory(settings, args)
         case "rejects":
             return await _rejects(settings, args)
+        case "report":
+            return await _report(settings, args)
         case "simulate" | "bench":
             from simulator.cli import run_simulator_command
 

@@ -10,6 +10,7 @@ at import time.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
 import zoneinfo
@@ -52,7 +53,16 @@ class Settings:
     group_messages: int = 1000        # most messages folded into one transaction
     visit_gap_s: float = 60.0         # a visit ends after this long unheard (section 3)
     late_after_s: float = 300.0       # an alert older than this is `late`
+    # Station uptime (ingest.health). A station is down once unheard for its timeout:
+    # its own (stations CSV column timeout_s), else its zone's, else this fleet default.
     heartbeat_timeout_s: float = 90.0  # 3 heartbeat intervals of 30 s
+    zone_timeouts: tuple[tuple[str, float], ...] = ()  # zone=seconds,...
+    flap_transitions: int = 6        # more up/down changes than this in the window: flapping
+    flap_window_s: float = 3600.0
+    down_repeat_s: float = 3600.0    # a station still down is reported again this often
+    # Availability targets, date=ratio,...; none given: 0.95 from the first station's
+    # provisioning, 1.00 from a year later (the towns' plans).
+    uptime_targets: tuple[tuple[str, float], ...] = ()
     dedupe_hours: float = 48.0        # contract: at least 24
     timezone: str = "UTC"             # for ISO times given without an offset
 
@@ -96,9 +106,15 @@ class Settings:
         if not 1 <= self.receive_maximum <= 30_000:  # the inbox holds twice this (ingest.mqtt)
             raise ConfigError("BIKEWATCH_RECEIVE_MAXIMUM",
                               f"{self.receive_maximum} is not in 1..30000")
-        for name in ("group_messages", "visit_gap_s", "late_after_s", "heartbeat_timeout_s"):
+        for name in ("group_messages", "visit_gap_s", "late_after_s", "heartbeat_timeout_s",
+                     "flap_transitions", "flap_window_s", "down_repeat_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"BIKEWATCH_{name.upper()}", "must be positive")
+        for zone, seconds in self.zone_timeouts:
+            if not _NAME.fullmatch(zone) or seconds <= 0:
+                raise ConfigError("BIKEWATCH_ZONE_TIMEOUTS",
+                                  f"{zone}={seconds}: want zone=seconds with seconds > 0")
+        self.uptime_stages()
         if self.dedupe_hours < 24:
             raise ConfigError("BIKEWATCH_DEDUPE_HOURS", "must be at least 24 (PROTOCOL.md 2.4)")
         try:
@@ -132,6 +148,22 @@ class Settings:
     def tz(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
 
+    def uptime_stages(self) -> list[tuple[int, float]]:
+        """The configured targets as (from_ms, ratio), oldest first; [] for the default."""
+        stages = []
+        for day, ratio in self.uptime_targets:
+            try:
+                when = dt.datetime.fromisoformat(day)
+            except ValueError:
+                raise ConfigError("BIKEWATCH_UPTIME_TARGETS",
+                                  f"{day!r} is not an ISO 8601 date") from None
+            if not 0 <= ratio <= 1:
+                raise ConfigError("BIKEWATCH_UPTIME_TARGETS", f"{day}={ratio}: want 0..1")
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=self.tz)
+            stages.append((int(when.timestamp() * 1000), ratio))
+        return sorted(stages)
+
 
 def _coerce(name: str, raw: object, default: object) -> Any:
     setting = f"BIKEWATCH_{name.upper()}"
@@ -144,6 +176,32 @@ def _coerce(name: str, raw: object, default: object) -> Any:
             return float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(setting, f"{raw!r} is not a number") from None
+    if isinstance(default, tuple):
+        return _pairs(setting, raw)
     if not isinstance(raw, str):
         raise ConfigError(setting, f"{raw!r} is not a string")
     return raw
+
+
+def _pairs(setting: str, raw: object) -> tuple[tuple[str, float], ...]:
+    """A TOML table, or `key=number,key=number` from the environment."""
+    if isinstance(raw, str):
+        items: list[tuple[str, object]] = []
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            name, sep, text = part.partition("=")
+            if not sep:
+                raise ConfigError(setting, f"{part!r} is not key=number")
+            items.append((name.strip(), text.strip()))
+    elif isinstance(raw, dict):
+        items = [(str(k), v) for k, v in raw.items()]
+    else:
+        raise ConfigError(setting, f"{raw!r} is not a table of key = number")
+    out = []
+    for key, value in items:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            out.append((key, float(value)))  # type: ignore[arg-type]  # TypeError caught
+        except (TypeError, ValueError):
+            raise ConfigError(setting, f"{key}={value!r}: not a number") from None
+    return tuple(out)

@@ -10,15 +10,21 @@ import socket
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ingest.clock import Clock, wall_ms
+from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
+from ingest.reports import as_csv, as_json, as_table, uptime_for
+from registry.errors import Refused
 from registry.queries import list_rejects, trajectory
 from registry.tags import BadTag, parse_tag
 
 
-def build_app(engine: AsyncEngine, registry: CollectorRegistry) -> FastAPI:
+def build_app(engine: AsyncEngine, registry: CollectorRegistry, settings: Settings,
+              clock: Clock = wall_ms) -> FastAPI:
     app = FastAPI(title="bikewatch", version="1")
 
     @app.get("/metrics", include_in_schema=False)
@@ -44,6 +50,24 @@ def build_app(engine: AsyncEngine, registry: CollectorRegistry) -> FastAPI:
         except BadTag as exc:
             raise HTTPException(400, str(exc)) from None
         return await trajectory(engine, value, since_ms)
+
+    @app.get("/api/v1/reports/uptime", response_model=None)
+    async def report_uptime(
+            from_: str | None = Query(None, alias="from", description="ISO 8601"),
+            to: str | None = Query(None, description="ISO 8601"), zone: str | None = None,
+            format: str = Query("json", pattern="^(json|csv|table)$"),
+    ) -> dict[str, Any] | Response:
+        try:
+            report = await uptime_for(engine, settings, from_, to, zone, clock())
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except Refused as exc:
+            raise HTTPException(404, str(exc)) from None
+        if format == "csv":
+            return PlainTextResponse(as_csv(report), media_type="text/csv")
+        if format == "table":
+            return PlainTextResponse(as_table(report))
+        return as_json(report)
 
     return app
 

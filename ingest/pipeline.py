@@ -196,7 +196,7 @@ class Pipeline:
         for station, at in decoded.heartbeats:
             self.health.heard(station, at)
         for batch, received, _ in batches:
-            self.health.heard(batch.station, received)
+            self.health.heard(batch.station, received, read=True)
             info = self.directory.get(batch.station)
             if info is None or not info.imported:
                 result.unknown_station_batches += 1

@@ -5,7 +5,7 @@
         refresh     registry version poll -> new stolen snapshot and station directory
         outbox      publish committed alerts, mark them published
         materialize fold the visit log into `visits` (ingest.visitlog)
-        persist     station health, every few seconds
+        health      station health: silence found, transitions stored, operators told
         maintain    dedupe keys past the window, reject store past 10,000, old open visits
         http        uvicorn: /metrics and the API
 
@@ -32,7 +32,8 @@ from alerts.outbox import Outbox
 from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError
-from ingest.health import StationHealth, persist
+from ingest.health import HealthPolicy, StationHealth
+from ingest.health_store import load_states, store
 from ingest.http import bind, build_app
 from ingest.metrics import Metrics, StationCollector
 from ingest.mqtt import Inbox, MqttLink
@@ -41,7 +42,7 @@ from ingest.visitlog import drain, materialize
 from registry.db import open_database
 from registry.models import RejectRecord, SeenBatch
 from registry.snapshot import StolenSetHolder, load_stolen_set, registry_version
-from registry.stations import load_directory
+from registry.stations import StationInfo, load_directory
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,14 @@ OPEN_VISITS_KEPT_MS = 10 * 60_000
 # Trajectories of bikes that are not stolen lag the reads by about this much; a longer
 # interval folds more of each visit's segments into one row before it is written.
 MATERIALIZE_S = 2.0
-HEALTH_PERSIST_S = 5.0
+# Silence is dated exactly by its deadline whatever this is; it bounds how stale
+# bikewatch_station_up may be (plus ingest.health.GRACE_MS), and what a crash loses
+# of last-heard times.
+HEALTH_S = 1.0
+HEALTH_EVENTS_IN_FLIGHT = 200  # well under the client's 1,000 in-flight publishes
 REJECTS_KEPT = 10_000
 CONNECT_TIMEOUT_S = 10.0
+UNKNOWN = StationInfo.unknown("")
 
 
 class Worker:
@@ -64,8 +70,8 @@ class Worker:
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.health = StationHealth(int(settings.heartbeat_timeout_s * 1000), clock)
-        self.registry.register(StationCollector(self.health.rows))
+        self.health = StationHealth(HealthPolicy.from_settings(settings), clock)
+        self.registry.register(StationCollector(self.health))
         self.holder = StolenSetHolder()
         self.pipeline = Pipeline(engine, settings.mqtt_root, self.holder, self.health,
                                  self.metrics, clock, gap_ms=int(settings.visit_gap_s * 1000),
@@ -93,8 +99,8 @@ class Worker:
             outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
                             self.metrics.alert_latency.observe)
             outbox.on_published = self.on_alert
-            server = uvicorn.Server(uvicorn.Config(build_app(self.engine, self.registry),
-                                                   log_level="warning", lifespan="off"))
+            app = build_app(self.engine, self.registry, self.settings, self.clock)
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
                 consume = tg.create_task(self._consume(inbox, link, outbox), name="consume")
@@ -106,8 +112,8 @@ class Worker:
                     tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
                     tg.create_task(self._every(MATERIALIZE_S, self._materialize),
                                    name="materialize"),
-                    tg.create_task(self._every(HEALTH_PERSIST_S, self._persist_health),
-                                   name="persist-health"),
+                    tg.create_task(self._every(HEALTH_S, lambda: self._health(link)),
+                                   name="health"),
                 ]
                 http = tg.create_task(server.serve(sockets=[sock]), name="http")
                 await self.stop.wait()
@@ -115,7 +121,7 @@ class Worker:
                 server.should_exit = True
                 await asyncio.wait({consume, http, *others})
             await drain(self.engine)
-            await persist(self.engine, self.health)
+            await self._health(None)
         finally:
             link.stop()
             sock.close()
@@ -159,8 +165,37 @@ class Worker:
                 log.warning("%s: database error: %s", getattr(job, "__name__", "job"),
                             str(exc).splitlines()[0][:200])
 
-    async def _persist_health(self) -> None:
-        await persist(self.engine, self.health)
+    async def _health(self, link: MqttLink | None) -> None:
+        """Find silent stations, store the transitions, then tell operators (QoS 1)."""
+        self.health.tick()
+        transitions, rows = self.health.take_pending()
+        if transitions or rows:
+            try:
+                async with self.engine.begin() as conn:
+                    await store(conn, transitions, rows)
+            except BaseException:
+                self.health.put_back(transitions, rows)
+                raise
+            for t in transitions:
+                self.metrics.station_transitions.labels(
+                    self.pipeline.directory.get(t.station, UNKNOWN).zone,
+                    "up" if t.up else "down").inc()
+        events = self.health.take_events()
+        if link is None:
+            return
+        root = self.settings.mqtt_root
+        for start in range(0, len(events), HEALTH_EVENTS_IN_FLIGHT):
+            chunk = events[start:start + HEALTH_EVENTS_IN_FLIGHT]
+            results = await asyncio.gather(
+                *(link.publish(f"{root}/health/{e.zone}", e.payload()) for e in chunk),
+                return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                # Best effort: the transitions are stored, and a station still down is
+                # reported again after down_repeat_s, so what a broker outage loses recurs.
+                log.warning("%d of %d health events not published: %s", len(failed),
+                            len(events) - start, failed[0])
+                return
 
     async def _materialize(self) -> None:
         # One bounded transaction after another; the hot path gets the lock in between.
@@ -175,7 +210,8 @@ class Worker:
                 return
             snapshot = await load_stolen_set(conn)
             directory = await load_directory(conn)
-            await self.health.load(conn, directory)
+            stored = await load_states(conn, self.clock(), self.health.policy.flap_window_ms)
+        self.health.load(directory, stored)
         self.holder.current = snapshot
         self.pipeline.directory = directory
         self.metrics.stolen_tags.set(len(snapshot))

@@ -50,7 +50,22 @@ def _station_row(row: dict[str, str]) -> dict[str, Any]:
     lat, lon = _coordinate(row["lat"], 90, "lat"), _coordinate(row["lon"], 180, "lon")
     if (lat is None) != (lon is None):
         raise ValueError("lat and lon must be given together")
-    return {"id": sid, "name": row["name"].strip()[:200], "lat": lat, "lon": lon, "zone": zone}
+    out = {"id": sid, "name": row["name"].strip()[:200], "lat": lat, "lon": lon, "zone": zone}
+    if "timeout_s" in row:  # optional: this station's heard-within timeout (ingest.health)
+        out["timeout_s"] = _timeout(row["timeout_s"] or "")
+    return out
+
+
+def _timeout(text: str) -> float | None:
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"timeout_s {text[:30]!r} is not a number") from None
+    if not (math.isfinite(value) and 0 < value <= 7 * 86_400):
+        raise ValueError(f"timeout_s {value} is not in (0, 604800]")
+    return value
 
 
 def _coordinate(text: str, limit: float, name: str) -> float | None:

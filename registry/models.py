@@ -50,6 +50,25 @@ class Station(Base):
     status: Mapped[str | None] = mapped_column(String(16))  # last retained status payload
     status_ms: Mapped[int | None] = mapped_column(BigInteger)
     last_heard_ms: Mapped[int | None] = mapped_column(BigInteger)
+    last_read_ms: Mapped[int | None] = mapped_column(BigInteger)  # last read batch
+    # Heard-within timeout of this station; null: its zone's, else the fleet default.
+    timeout_s: Mapped[float | None] = mapped_column(Float)
+
+
+class StationTransition(Base):
+    """Every up/down change of an imported station, appended, never rewritten: the
+    availability history (`registry.availability`). The first row of a station is
+    its provisioning (down, cause `never`, at its import time)."""
+
+    __tablename__ = "station_transitions"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    station: Mapped[str] = mapped_column(String(64))
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+    up: Mapped[bool] = mapped_column(Boolean)
+    cause: Mapped[str] = mapped_column(String(16))  # online | never | offline | silent
+    __table_args__ = (Index("ix_station_transitions_station_at", "station", "at_ms"),
+                      Index("ix_station_transitions_at", "at_ms"))
 
 
 class Vehicle(Base):

@@ -21,6 +21,7 @@ class StationInfo:
     zone: str
     imported: bool
     imported_ms: int | None = None
+    timeout_s: float | None = None  # None: the zone's, else the fleet default
 
     @classmethod
     def unknown(cls, station: str) -> StationInfo:
@@ -34,7 +35,9 @@ class StationInfo:
 
 async def load_directory(conn: AsyncConnection) -> dict[str, StationInfo]:
     rows = await conn.execute(select(Station.id, Station.name, Station.lat, Station.lon,
-                                     Station.zone, Station.imported, Station.imported_ms))
+                                     Station.zone, Station.imported, Station.imported_ms,
+                                     Station.timeout_s))
     return {r.id: StationInfo(r.id, r.name, r.lat, r.lon,
-                              r.zone if r.imported else UNASSIGNED, r.imported, r.imported_ms)
+                              r.zone if r.imported else UNASSIGNED, r.imported, r.imported_ms,
+                              r.timeout_s)
             for r in rows}

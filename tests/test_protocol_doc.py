@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 from ingest.cli import build_parser
 from ingest.config import Settings
 from ingest.errors import Reason
-from ingest.health import StationHealth
+from ingest.health import HealthPolicy, StationHealth
 from ingest.metrics import Metrics, StationCollector
+from registry.stations import StationInfo
 
 DOC = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
 
@@ -34,11 +35,9 @@ CONTRACT_METRICS = {
 def _families() -> dict[str, tuple[str, set[str]]]:
     registry = CollectorRegistry()
     Metrics(registry)
-    health = StationHealth(90_000, lambda: 0)
-    from registry.stations import StationInfo
-
-    health._directory = {"S1": StationInfo("S1", "", None, None, "z", True)}
-    registry.register(StationCollector(health.rows))
+    health = StationHealth(HealthPolicy(), lambda: 0)
+    health.load({"S1": StationInfo("S1", "", None, None, "z", True, 0)}, {})
+    registry.register(StationCollector(health))
     out = {}
     for fam in registry.collect():
         labels = {k for s in fam.samples for k in s.labels if k not in ("le",)}

@@ -1,0 +1,126 @@
+"""The uptime report for people and programs: a terminal table, CSV, JSON
+(`bikewatch report uptime`, `GET /api/v1/reports/uptime`)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.clock import parse_iso
+from ingest.config import Settings
+from registry.availability import StationUptime, UptimeReport, uptime_report
+from registry.errors import Refused
+
+FORMATS = ("table", "csv", "json")
+DEFAULT_WINDOW_MS = 30 * 86_400_000
+CSV_COLUMNS = ("scope", "id", "zone", "stations", "availability", "target", "gap",
+               "downtime_s", "outages", "longest_outage_s", "transitions", "flapping")
+
+
+async def uptime_for(engine: AsyncEngine, settings: Settings, from_text: str | None,
+                     to_text: str | None, zone: str | None, now_ms: int) -> UptimeReport:
+    """The report for ISO times as people give them; ValueError for a bad window, Refused
+    for a zone without stations."""
+    to_ms = parse_iso(to_text, settings.tz) if to_text else now_ms
+    from_ms = parse_iso(from_text, settings.tz) if from_text else to_ms - DEFAULT_WINDOW_MS
+    if to_ms <= from_ms:
+        raise ValueError(f"--from {_iso(from_ms)} is not before --to {_iso(to_ms)}")
+    report = await uptime_report(engine, from_ms, to_ms, settings.uptime_stages(), zone=zone,
+                                 flap_limit=settings.flap_transitions,
+                                 flap_window_ms=int(settings.flap_window_s * 1000))
+    if zone is not None and not report.stations:
+        raise Refused(f"no station of zone {zone!r} was provisioned in the window")
+    return report
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
+
+
+def _station(s: StationUptime) -> dict[str, Any]:
+    return {"station": s.station, "zone": s.zone, "availability": round(s.availability, 6),
+            "downtime_s": round(s.downtime_s, 3), "outages": s.outages,
+            "longest_outage_s": round(s.longest_outage_s, 3), "transitions": s.transitions,
+            "flapping": s.flapping}
+
+
+def as_json(r: UptimeReport) -> dict[str, Any]:
+    return {
+        "from_ms": r.from_ms, "to_ms": r.to_ms, "from": _iso(r.from_ms), "to": _iso(r.to_ms),
+        "zone": r.zone,
+        "target": {"stage": r.target.stage, "ratio": r.target.ratio,
+                   "from_ms": r.target.from_ms},
+        "fleet": {"stations": r.stations, "availability": round(r.availability, 6),
+                  "gap": round(r.gap, 6), "meets_target": r.gap >= 0},
+        "zones": [{"zone": z.zone, "stations": z.stations,
+                   "availability": round(z.availability, 6),
+                   "gap": round(z.availability - r.target.ratio, 6)} for z in r.zones],
+        "below_target": [_station(s) for s in r.below_target],
+        "flapping": [_station(s) for s in r.flapping],
+        "series": {"bucket_ms": r.bucket_ms,
+                   "points": [{"from_ms": t, "ratio": None if v is None else round(v, 6)}
+                              for t, v in r.series]},
+    }
+
+
+def as_csv(r: UptimeReport) -> str:
+    """One rectangular table: the fleet, each zone, then every station."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    target = r.target.ratio
+    w.writerow(("fleet", "", r.zone or "", r.stations, f"{r.availability:.6f}", target,
+                f"{r.gap:.6f}", "", "", "", "", ""))
+    for z in r.zones:
+        w.writerow(("zone", z.zone, z.zone, z.stations, f"{z.availability:.6f}", target,
+                    f"{z.availability - target:.6f}", "", "", "", "", ""))
+    for s in sorted(r.per_station, key=lambda s: (s.availability, s.station)):
+        w.writerow(("station", s.station, s.zone, 1, f"{s.availability:.6f}", target,
+                    f"{s.availability - target:.6f}", f"{s.downtime_s:.3f}", s.outages,
+                    f"{s.longest_outage_s:.3f}", s.transitions, int(s.flapping)))
+    return out.getvalue()
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    d, s = divmod(s, 86_400)
+    h, s = divmod(s, 3_600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def as_table(r: UptimeReport, width: int = 100) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    verdict = "meets" if r.gap >= 0 else "BELOW"
+    console.print(f"Station uptime {_iso(r.from_ms)} to {_iso(r.to_ms)}"
+                  + (f", zone {r.zone}" if r.zone else ""))
+    console.print(f"Target: stage {r.target.stage}, {r.target.ratio:.2%} "
+                  f"(in force since {_iso(r.target.from_ms)})")
+    console.print(f"Fleet: {r.availability:.3%} over {r.stations} stations, "
+                  f"gap {r.gap * 100:+.3f} points: {verdict} target")
+    zones = Table("zone", "stations", "availability", "gap", title="By zone")
+    for z in r.zones:
+        zones.add_row(z.zone, str(z.stations), f"{z.availability:.3%}",
+                      f"{(z.availability - r.target.ratio) * 100:+.3f}")
+    console.print(zones)
+    below = Table("station", "zone", "availability", "downtime", "outages", "longest",
+                  title="Stations below target, worst first")
+    for s in r.below_target:
+        below.add_row(s.station, s.zone, f"{s.availability:.3%}", _duration(s.downtime_s),
+                      str(s.outages), _duration(s.longest_outage_s))
+    console.print(below if r.below_target else "No station below target.")
+    if r.flapping:
+        flap = Table("station", "zone", "changes", "availability", title="Flapping")
+        for s in r.flapping:
+            flap.add_row(s.station, s.zone, str(s.transitions), f"{s.availability:.3%}")
+        console.print(flap)
+    else:
+        console.print("No flapping station.")
+    assert isinstance(console.file, io.StringIO)
+    return console.file.getvalue()
