@@ -119,8 +119,7 @@ class MqttLink:
         self.client.on_publish = self._on_publish
         self.connected = threading.Event()
         self.refused: str | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._pending_lock = threading.Lock()
+        self._pending: dict[int, asyncio.Future[None]] = {}  # event loop only
         self._loop = asyncio.get_running_loop()
         root = settings.mqtt_root
         reads = f"{root}/stations/+/reads"
@@ -179,10 +178,11 @@ class MqttLink:
 
     def _on_publish(self, _c: paho.Client, _u: object, mid: int, _rc: ReasonCode,
                     _p: Properties | None) -> None:
-        with self._pending_lock:
-            fut = self._pending.pop(mid, None)
-        if fut is not None:
-            self._loop.call_soon_threadsafe(_resolve, fut)
+        # paho calls this holding its outgoing-message lock, which `publish` takes too:
+        # taking a lock of ours here as well deadlocked two concurrent publishes (ABBA).
+        # `_pending` is only touched on the event loop, where this lands after the
+        # publishing coroutine registered its future.
+        self._loop.call_soon_threadsafe(self._published, mid)
 
     # -- asyncio side ----------------------------------------------------------
 
@@ -193,21 +193,19 @@ class MqttLink:
                 self.client.ack(m.mid, m.qos)
         self.inbox.release(len(msgs))
 
+    def _published(self, mid: int) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
     async def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
         """Publish with QoS 1 and wait for the broker's PUBACK."""
         fut: asyncio.Future[None] = self._loop.create_future()
-        with self._pending_lock:
-            info = self.client.publish(topic, payload, qos=1)
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                raise ConnectionError(f"publish failed: {paho.error_string(info.rc)}")
-            self._pending[info.mid] = fut
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise ConnectionError(f"publish failed: {paho.error_string(info.rc)}")
+        self._pending[info.mid] = fut
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
-            with self._pending_lock:
-                self._pending.pop(info.mid, None)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+            self._pending.pop(info.mid, None)

@@ -68,7 +68,7 @@ class UptimeReport:
     def below_target(self) -> list[StationUptime]:
         """The stations that pull the fleet below its target, worst first."""
         below = [s for s in self.per_station if s.availability < self.target.ratio]
-        return sorted(below, key=lambda s: (-s.downtime_s, s.station))
+        return sorted(below, key=lambda s: (-s.downtime_s, s.availability, s.station))
 
     @property
     def flapping(self) -> list[StationUptime]:
@@ -164,6 +164,8 @@ async def uptime_report(engine: AsyncEngine, from_ms: int, to_ms: int,
             .where(StationTransition.at_ms >= from_ms, StationTransition.at_ms < to_ms)
             .order_by(StationTransition.station, StationTransition.at_ms,
                       StationTransition.id))).all()
+        tracked = set((await conn.execute(
+            select(StationTransition.station).group_by(StationTransition.station))).scalars())
     index = {s.id: i for i, s in enumerate(stations)}
     rows: list[tuple[int, int, int, bool]] = []
     for station, up in before:
@@ -172,10 +174,9 @@ async def uptime_report(engine: AsyncEngine, from_ms: int, to_ms: int,
     for station, at_ms, up in inside:
         if station in index:
             rows.append((index[station], at_ms, int(up), True))
-    known = {r[0] for r in rows}
     for i, s in enumerate(stations):
         # Imported while no worker ran: down from its provisioning, as a worker records it.
-        if i not in known and s.imported_ms is not None and s.imported_ms < to_ms:
+        if s.id not in tracked and s.imported_ms is not None and s.imported_ms < to_ms:
             rows.append((i, s.imported_ms, 0, s.imported_ms >= from_ms))
     n = len(stations)
     ev = _events(rows, from_ms, to_ms)

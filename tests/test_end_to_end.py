@@ -48,13 +48,13 @@ async def _registry(db_url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _town(broker: BrokerHandle, db_url: str, alerts: str | None,
-                ) -> AsyncIterator[tuple[Settings, Worker, Police, StationPublisher]]:
+async def _town(broker: BrokerHandle, db_url: str, alerts: str | None, topic: str = "alerts",
+                **extra: str) -> AsyncIterator[tuple[Settings, Worker, Police, StationPublisher]]:
     """The registry above, a running worker, a station publisher, and a police receiver
-    on `{root}/alerts/{alerts}` (all zones when None)."""
-    settings = settings_for(broker, db_url)
+    on `{root}/{topic}/{alerts}` (all zones when None)."""
+    settings = settings_for(broker, db_url, **extra)
     await _registry(db_url)
-    police = Police(settings, f"{settings.mqtt_root}/alerts/{alerts or '#'}")
+    police = Police(settings, f"{settings.mqtt_root}/{topic}/{alerts or '#'}")
     pub = publisher(settings)
     try:
         async with running_worker(settings) as worker:
@@ -188,3 +188,55 @@ class TestIntake:
                 api = (await http.get("/api/v1/rejects", params={"reason": "bad_tag"})).json()
                 assert [r["reads"] for r in api] == [1]
                 assert (await http.get("/api/v1/trajectory/0x1")).status_code == 400
+
+
+class TestStationUptime:
+    async def test_up_silent_back_offline_stored_reported_and_served(
+            self, broker: BrokerHandle, db_url: str) -> None:
+        async with _town(broker, db_url, None, "health", BIKEWATCH_HEARTBEAT_TIMEOUT_S="1.5",
+                         BIKEWATCH_DOWN_REPEAT_S="2") as (settings, worker, ops, pub):
+            def up() -> float:
+                return _metric(worker, "bikewatch_station_up", station="SP-0040",
+                               zone="shangpan")
+
+            pub.status("SP-0040", "online")
+            assert await until(lambda: up() == 1)
+            assert _metric(worker, "bikewatch_stations_online_ratio") == pytest.approx(1 / 3)
+            assert _metric(worker, "bikewatch_stations_down", cause="never") == 2
+            # silent: down at its deadline, found within the grace, told to operators
+            assert await until(lambda: up() == 0, 8)
+            st = worker.health.state("SP-0040")
+            assert st is not None and st.cause == "silent"
+            assert st.since_ms == st.last_heard_ms + 1500  # type: ignore[operator]
+            def told() -> list[tuple[object, ...]]:
+                return [(e["event"], e["cause"], e["report"]) for e in ops.alerts
+                        if e["station"] == "SP-0040"]
+
+            assert await until(lambda: len(told()) >= 2)
+            assert told()[:2] == [("up", "online", 0), ("down", "silent", 1)]
+            assert f"{settings.mqtt_root}/health/shangpan" in ops.topics
+            assert await until(lambda: len(told()) >= 3, 6)  # still down: reported again
+            assert told()[2] == ("down", "silent", 2)
+            pub.heartbeat("SP-0040", wall_ms())
+            assert await until(lambda: up() == 1)  # at once, not at the next tick
+            pub.status("SP-0040", "offline")
+            assert await until(lambda: up() == 0)
+            assert _metric(worker, "bikewatch_station_down_seconds", station="SP-0040",
+                           zone="shangpan", cause="offline") >= 0
+            # stored: SP-0040 and SP-0042 provisioned, SP-0040 silent, then offline
+            assert await until(lambda: _metric(worker, "bikewatch_station_transitions_total",
+                                               zone="shangpan", to="down") == 4)
+            async with httpx.AsyncClient(base_url=f"http://{settings.http}") as http:
+                report = (await http.get("/api/v1/reports/uptime")).json()
+                csv_text = (await http.get("/api/v1/reports/uptime",
+                                           params={"format": "csv"})).text
+                bad = await http.get("/api/v1/reports/uptime", params={"from": "tomorrow"})
+                nozone = await http.get("/api/v1/reports/uptime", params={"zone": "nowhere"})
+        assert report["fleet"]["stations"] == 3
+        assert report["target"] == {"stage": 1, "ratio": 0.95,
+                                    "from_ms": report["target"]["from_ms"]}
+        sp40 = next(s for s in report["below_target"] if s["station"] == "SP-0040")
+        # provisioned (down), up, silent, up, offline: three outages, five changes
+        assert (sp40["outages"], sp40["transitions"]) == (3, 5)
+        assert csv_text.splitlines()[0].startswith("scope,id,zone,stations,availability")
+        assert (bad.status_code, nozone.status_code) == (400, 404)

@@ -66,6 +66,63 @@ class TestRegistryCommands:
         assert_clean_error(bw(*args, env=env), 2)
 
 
+class TestUptimeReport:
+    """`bikewatch report uptime` over the staged history of tests/registry/test_availability."""
+
+    WINDOW = ("--from", "2025-11-22T00:00", "--to", "2025-11-22T10:00")
+
+    @pytest.fixture
+    async def staged(self, env: dict[str, str]) -> dict[str, str]:
+        from registry.db import open_database
+        from tests.registry.test_availability import HISTORY, _stage
+
+        engine = await open_database(env["BIKEWATCH_DB_URL"])
+        await _stage(engine, HISTORY)
+        await engine.dispose()
+        return env
+
+    def test_json_figures(self, staged: dict[str, str]) -> None:
+        import json
+
+        p = bw("report", "uptime", *self.WINDOW, "--format", "json", env=staged)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)
+        assert r["fleet"] == {"stations": 3, "availability": 0.55, "gap": -0.4,
+                              "meets_target": False}
+        assert r["target"]["stage"] == 1 and r["target"]["ratio"] == 0.95
+        assert [(s["station"], s["downtime_s"], s["outages"]) for s in r["below_target"]] == [
+            ("C", 32_400, 1), ("B", 3_600, 1), ("A", 3_600, 1)]
+        assert {z["zone"]: z["availability"] for z in r["zones"]} == {"z1": 0.85, "z2": 0.1}
+        assert len(r["series"]["points"]) == 10
+
+    def test_csv_and_table(self, staged: dict[str, str]) -> None:
+        rows = bw("report", "uptime", *self.WINDOW, "--format", "csv", env=staged).stdout
+        lines = rows.splitlines()
+        assert lines[1].startswith("fleet,,,3,0.550000,0.95,-0.400000")
+        assert "station,C,z2,1,0.100000,0.95,-0.850000,32400.000,1,32400.000,1,0" in lines
+        zone = bw("report", "uptime", *self.WINDOW, "--zone", "z1", env=staged)
+        assert zone.returncode == 0
+        assert "Fleet: 85.000% over 2 stations" in zone.stdout and "BELOW target" in zone.stdout
+        assert "Stations below target, worst first" in zone.stdout and "01:00:00" in zone.stdout
+
+    def test_the_target_from_configuration(self, staged: dict[str, str]) -> None:
+        import json
+
+        env = staged | {"BIKEWATCH_UPTIME_TARGETS": "2025-01-01=0.5,2026-06-01=1"}
+        r = json.loads(bw("report", "uptime", *self.WINDOW, "--format", "json", env=env).stdout)
+        assert (r["target"]["stage"], r["fleet"]["gap"], r["fleet"]["meets_target"]) == (
+            1, 0.05, True)
+
+    def test_refusals(self, staged: dict[str, str]) -> None:
+        assert_clean_error(bw("report", "uptime", "--from", "2025-11-23", "--to", "2025-11-22",
+                              env=staged), 2, "is not before")
+        assert_clean_error(bw("report", "uptime", "--zone", "nowhere", env=staged), 1,
+                           "no station of zone")
+        assert_clean_error(bw("report", "uptime", "--format", "xml", env=staged), 2)
+        assert_clean_error(bw("report", "uptime", env=staged | {
+            "BIKEWATCH_UPTIME_TARGETS": "someday=0.9"}), 2, "BIKEWATCH_UPTIME_TARGETS")
+
+
 class TestConfiguration:
     @pytest.mark.parametrize(("var", "value"), [
         ("BIKEWATCH_MQTT_URL", "http://x"), ("BIKEWATCH_HTTP", "8080"),
