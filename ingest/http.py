@@ -7,11 +7,12 @@ are the endpoints the core pipeline owes its operators.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.clock import Clock, wall_ms
@@ -23,13 +24,14 @@ from registry.queries import list_rejects, trajectory
 from registry.tags import BadTag, parse_tag
 
 
-def build_app(engine: AsyncEngine, registry: CollectorRegistry, settings: Settings,
+def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: Settings,
               clock: Clock = wall_ms) -> FastAPI:
     app = FastAPI(title="bikewatch", version="1")
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics() -> Response:
+        # On the event loop, where station health changes: the scrape sees one state.
+        return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

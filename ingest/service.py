@@ -35,7 +35,7 @@ from ingest.errors import ConfigError
 from ingest.health import HealthPolicy, StationHealth
 from ingest.health_store import load_states, store
 from ingest.http import bind, build_app
-from ingest.metrics import Metrics, StationCollector
+from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain, materialize
@@ -71,7 +71,7 @@ class Worker:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.health = StationHealth(HealthPolicy.from_settings(settings), clock)
-        self.registry.register(StationCollector(self.health))
+        self.station_metrics = StationMetrics(self.health)
         self.holder = StolenSetHolder()
         self.pipeline = Pipeline(engine, settings.mqtt_root, self.holder, self.health,
                                  self.metrics, clock, gap_ms=int(settings.visit_gap_s * 1000),
@@ -99,7 +99,7 @@ class Worker:
             outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
                             self.metrics.alert_latency.observe)
             outbox.on_published = self.on_alert
-            app = build_app(self.engine, self.registry, self.settings, self.clock)
+            app = build_app(self.engine, self.metrics_text, self.settings, self.clock)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
@@ -125,6 +125,10 @@ class Worker:
         finally:
             link.stop()
             sock.close()
+
+    def metrics_text(self) -> bytes:
+        """`/metrics`: the registry's families and the stations'."""
+        return exposition(self.registry, self.station_metrics)
 
     async def _consume(self, inbox: Inbox, link: MqttLink, outbox: Outbox) -> None:
         while True:

@@ -30,6 +30,7 @@ from ingest.codec import HEADER, RECORD, decode, decode_many, encode_binary, enc
 from ingest.config import Settings
 from registry.snapshot import StolenSet
 from registry.tags import format_tag
+from simulator.bench_health import bench_health
 from simulator.loadgen import LoadGen
 
 READS_PER_BATCH = 50
@@ -305,6 +306,7 @@ async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.
     del settings, stop  # the bench owns its broker and databases
     bench_matching(args.quick)
     bench_decode()
+    bench_health(args.quick)
     if not args.skip_e2e:
         await bench_e2e(args.seconds, args.soak, args.db_url)
     return 0

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.broker import BrokerHandle, free_port
 from ingest.config import Settings
@@ -82,6 +83,15 @@ class Police:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def metric(worker: Worker, name: str, **labels: str) -> float | None:
+    """One sample of the worker's `/metrics` text, read with Prometheus's own parser."""
+    for family in text_string_to_metric_families(worker.metrics_text().decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
 
 
 def publisher(settings: Settings) -> StationPublisher:

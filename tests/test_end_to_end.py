@@ -20,7 +20,7 @@ from registry.cases import recover_theft, report_theft
 from registry.imports import import_stations, import_vehicles
 from registry.queries import list_rejects, trajectory
 from simulator.publisher import StationPublisher
-from tests.helpers import Police, publisher, running_worker, settings_for, until
+from tests.helpers import Police, metric, publisher, running_worker, settings_for, until
 
 pytestmark = pytest.mark.broker
 
@@ -65,7 +65,7 @@ async def _town(broker: BrokerHandle, db_url: str, alerts: str | None, topic: st
 
 
 def _metric(worker: Worker, name: str, **labels: str) -> float:
-    return worker.registry.get_sample_value(name, labels or None) or 0.0
+    return metric(worker, name, **labels) or 0.0
 
 
 class TestStolenSighting:
@@ -143,8 +143,8 @@ class TestStolenSighting:
             assert _metric(worker, "bikewatch_unknown_station_batches_total") == 1
             assert _metric(worker, "bikewatch_station_up", station="XX-9",
                            zone="unassigned") == 0
-            assert worker.registry.get_sample_value(
-                "bikewatch_station_up", {"station": "XX-9", "zone": "unassigned"}) is None
+            assert metric(worker, "bikewatch_station_up", station="XX-9",
+                          zone="unassigned") is None
 
 
 class TestIntake:

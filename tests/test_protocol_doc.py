@@ -8,12 +8,13 @@ import re
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.cli import build_parser
 from ingest.config import Settings
 from ingest.errors import Reason
 from ingest.health import HealthPolicy, StationHealth
-from ingest.metrics import Metrics, StationCollector
+from ingest.metrics import Metrics, StationMetrics, exposition
 from registry.stations import StationInfo
 
 DOC = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
@@ -37,9 +38,11 @@ def _families() -> dict[str, tuple[str, set[str]]]:
     Metrics(registry)
     health = StationHealth(HealthPolicy(), lambda: 0)
     health.load({"S1": StationInfo("S1", "", None, None, "z", True, 0)}, {})
-    registry.register(StationCollector(health))
+    text = exposition(registry, StationMetrics(health)).decode()  # what /metrics serves
     out = {}
-    for fam in registry.collect():
+    for fam in text_string_to_metric_families(text):
+        if fam.name.endswith("_created"):
+            continue  # prometheus_client's creation times of counters and histograms
         labels = {k for s in fam.samples for k in s.labels if k not in ("le",)}
         out[fam.name] = (fam.type, labels)
     return out
@@ -106,12 +109,14 @@ class TestDocumentNamesOnlyWhatExists:
         topics = set(re.findall(r"`\{root\}/([a-z{}/]+)`", DOC))
         assert topics - {"alerts/unassigned"} == {
             "stations/{station}/reads", "stations/{station}/heartbeat",
-            "stations/{station}/status", "alerts/{zone}"}
+            "stations/{station}/status", "alerts/{zone}", "health/{zone}"}
         from ingest.mqtt import MqttLink  # the subscriptions the worker makes
 
         src = Path(__file__).parents[1].joinpath("ingest", "mqtt.py").read_text()
         for kind in ("reads", "status", "heartbeat"):
             assert f"/stations/+/{kind}" in src
+        service = Path(__file__).parents[1].joinpath("ingest", "service.py").read_text()
+        assert '{root}/health/{e.zone}' in service  # where health events go
         assert MqttLink
 
     def test_variables(self) -> None:

@@ -192,7 +192,7 @@ async def test_every_panel_and_rule_has_data_in_a_real_prometheus(
                 while not await scraped():
                     assert time.monotonic() < deadline, "Prometheus never scraped bikewatch"
                     await asyncio.sleep(0.5)
-                for i in range(4):  # 8 changes, more than the flapping limit of 3
+                for _ in range(4):  # 8 changes, more than the flapping limit of 3
                     pub.status("SP-0060", "online")
                     await asyncio.sleep(0.05)
                     pub.status("SP-0060", "offline")

@@ -70,6 +70,21 @@ class TestImports:
                                     "SP-8,x,1,,z\n", NOW)
         assert [line for line, _ in bad.errors] == [5, 6, 7]
 
+    async def test_optional_timeout_column(self, engine: AsyncEngine) -> None:
+        from registry.stations import load_directory
+
+        text = "id,name,lat,lon,zone,timeout_s\nS1,a,,,z,600\nS2,b,,,z,\nS3,c,,,z,-1\n"
+        report = await import_stations(engine, text, NOW)
+        assert report.added == 2 and report.errors == [(4, "timeout_s -1.0 is not in "
+                                                           "(0, 604800]")]
+        async with engine.connect() as conn:
+            directory = await load_directory(conn)
+        assert (directory["S1"].timeout_s, directory["S2"].timeout_s) == (600.0, None)
+        # a file without the column leaves the timeouts as they are
+        await import_stations(engine, "id,name,lat,lon,zone\nS1,renamed,,,z\n", NOW)
+        async with engine.connect() as conn:
+            assert (await load_directory(conn))["S1"].timeout_s == 600.0
+
     async def test_missing_columns_refuse_the_file(self, engine: AsyncEngine) -> None:
         with pytest.raises(Refused, match="lacks the column"):
             await import_vehicles(engine, "tag,plate\n1,2\n")
