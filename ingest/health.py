@@ -142,6 +142,10 @@ class StationHealth:
 
     # -- the registry ----------------------------------------------------------
 
+    def unknown(self, directory: Mapping[str, StationInfo]) -> set[str]:
+        """The stations of `directory` whose state is not in memory yet."""
+        return {sid for sid in directory if sid not in self._state}
+
     def load(self, directory: dict[str, StationInfo], stored: Mapping[str, StationState],
              ) -> None:
         """Take a new station directory, and the stored state of stations not yet in

@@ -9,34 +9,45 @@ heartbeat is due within 30 s).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ingest.health import StationState, Transition
 from registry.models import Station, StationTransition
 
+_CHUNK = 500  # stations per query: well inside SQLite's and asyncpg's parameter limits
 
-async def load_states(conn: AsyncConnection, now_ms: int, flap_window_ms: int,
-                      ) -> dict[str, StationState]:
-    states = {r.id: StationState(r.status, r.status_ms, r.last_heard_ms, r.last_read_ms)
-              for r in await conn.execute(select(
-                  Station.id, Station.status, Station.status_ms, Station.last_heard_ms,
-                  Station.last_read_ms))}
-    newest = select(func.max(StationTransition.id)).group_by(StationTransition.station)
-    for r in await conn.execute(
-            select(StationTransition.station, StationTransition.up, StationTransition.cause,
-                   StationTransition.at_ms).where(StationTransition.id.in_(newest))):
-        st = states.get(r.station)
-        if st is not None:
-            st.up, st.cause, st.since_ms = bool(r.up), r.cause, r.at_ms
-    for station, at_ms in await conn.execute(
-            select(StationTransition.station, StationTransition.at_ms)
-            .where(StationTransition.at_ms >= now_ms - flap_window_ms)
-            .order_by(StationTransition.station, StationTransition.at_ms,
-                      StationTransition.id)):
-        st = states.get(station)
-        if st is not None:
-            st.changes.append(at_ms)
+
+async def load_states(conn: AsyncConnection, stations: Collection[str], now_ms: int,
+                      flap_window_ms: int) -> dict[str, StationState]:
+    """The stored state of `stations`: the worker asks only for those it does not hold
+    yet (all of them at start, then newly imported ones), so that a registry change,
+    which must reach the hot path within a second, never scans the whole history."""
+    states: dict[str, StationState] = {}
+    wanted = sorted(stations)
+    for start in range(0, len(wanted), _CHUNK):
+        chunk = wanted[start:start + _CHUNK]
+        for r in await conn.execute(select(
+                Station.id, Station.status, Station.status_ms, Station.last_heard_ms,
+                Station.last_read_ms).where(Station.id.in_(chunk))):
+            states[r.id] = StationState(r.status, r.status_ms, r.last_heard_ms, r.last_read_ms)
+        newest = (select(func.max(StationTransition.id))
+                  .where(StationTransition.station.in_(chunk))
+                  .group_by(StationTransition.station))
+        for sid, up, cause, at_ms in await conn.execute(
+                select(StationTransition.station, StationTransition.up, StationTransition.cause,
+                       StationTransition.at_ms).where(StationTransition.id.in_(newest))):
+            st = states[sid]
+            st.up, st.cause, st.since_ms = bool(up), cause, at_ms
+        for sid, at_ms in await conn.execute(
+                select(StationTransition.station, StationTransition.at_ms)
+                .where(StationTransition.station.in_(chunk),
+                       StationTransition.at_ms >= now_ms - flap_window_ms)
+                .order_by(StationTransition.station, StationTransition.at_ms,
+                          StationTransition.id)):
+            states[sid].changes.append(at_ms)
     return states
 
 

@@ -214,7 +214,8 @@ class Worker:
                 return
             snapshot = await load_stolen_set(conn)
             directory = await load_directory(conn)
-            stored = await load_states(conn, self.clock(), self.health.policy.flap_window_ms)
+            stored = await load_states(conn, self.health.unknown(directory), self.clock(),
+                                       self.health.policy.flap_window_ms)
         self.health.load(directory, stored)
         self.holder.current = snapshot
         self.pipeline.directory = directory

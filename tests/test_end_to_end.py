@@ -240,3 +240,36 @@ class TestStationUptime:
         assert (sp40["outages"], sp40["transitions"]) == (3, 5)
         assert csv_text.splitlines()[0].startswith("scope,id,zone,stations,availability")
         assert (bad.status_code, nozone.status_code) == (400, 404)
+
+    async def test_a_restart_keeps_state_and_history(self, broker: BrokerHandle,
+                                                     sqlite_url: str) -> None:
+        from sqlalchemy import func, select
+
+        from registry.models import StationTransition
+
+        async def stored(worker: Worker) -> int:
+            async with worker.engine.connect() as conn:
+                return int((await conn.execute(
+                    select(func.count()).select_from(StationTransition))).scalar_one())
+
+        settings = settings_for(broker, sqlite_url)
+        await _registry(sqlite_url)
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings) as worker:
+                pub.status("SP-0040", "online")
+                assert await until(lambda: worker.health.online_ratio() > 0)
+                assert await until(lambda: not worker.health.pending)
+                since = worker.health.state("SP-0040").since_ms  # type: ignore[union-attr]
+                before = await stored(worker)
+            assert before == 4  # three stations provisioned, SP-0040 up
+            async with running_worker(settings) as again:  # same database, same session
+                st = again.health.state("SP-0040")
+                assert st is not None and (st.up, st.since_ms) == (True, since)
+                pub.heartbeat("SP-0040", wall_ms())
+                await asyncio.sleep(1.5)  # a health pass: nothing to add
+                assert await stored(again) == before
+                assert _metric(again, "bikewatch_station_up", station="SP-0040",
+                               zone="shangpan") == 1
+        finally:
+            pub.close()

@@ -209,7 +209,8 @@ class TestStore:
 
         clock.now = T0 + 60 * S  # restart: a new tracker from the database
         async with engine.connect() as conn:
-            stored = await load_states(conn, clock.now, 3_600 * S)
+            stored = await load_states(conn, {"A", "B"}, clock.now, 3_600 * S)
+        assert set(stored) == {"A", "B"}
         again = StationHealth(HealthPolicy(), clock)
         again.load(directory, stored)
         assert again.take_pending()[0] == []  # nothing re-provisioned or re-dated
