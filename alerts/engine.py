@@ -9,17 +9,17 @@ it is published (DESIGN.md decision 4).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from alerts.geo import movement
 from alerts.ids import new_ulid
-from registry.models import Alert, TheftCase, Vehicle, Visit
+from registry.models import Alert, Delivery, TheftCase, Vehicle, Visit
 from registry.sql import insert_ignore
 from registry.stations import StationInfo
 from registry.tags import format_tag, to_db
@@ -48,8 +48,12 @@ class RaisedAlert:
 
 
 async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str, StationInfo],
-                      now_ms: int, late_after_ms: int) -> RaisedAlert | None:
-    """The new alert for this visit, or None if it was raised before or the case closed."""
+                      now_ms: int, late_after_ms: int,
+                      webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
+                      ) -> RaisedAlert | None:
+    """The new alert for this visit, or None if it was raised before or the case closed.
+    `webhooks(zone)` names the webhooks that take the zone's alerts: each gets a delivery
+    row in this transaction, so a crash cannot lose it (alerts.webhook sends them)."""
     station = stations.get(s.station) or StationInfo.unknown(s.station)
     alert_id = new_ulid(now_ms)
     inserted = await conn.execute(
@@ -92,6 +96,11 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
     payload = orjson.dumps(doc)
     await conn.execute(update(Alert).where(Alert.alert_id == alert_id)
                        .values(update_no=counted.updates, payload=payload.decode()))
+    channels = webhooks(station.zone)
+    if channels:
+        await conn.execute(insert(Delivery), [
+            {"alert_id": alert_id, "channel": name, "created_ms": now_ms, "next_ms": now_ms,
+             "attempts": 0, "last_error": ""} for name in channels])
     return RaisedAlert(alert_id, station.zone, payload, s.received_ms)
 
 

@@ -24,6 +24,7 @@ from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.reports import FORMATS
 from registry.errors import Refused, StoreError
+from registry.queries import DELIVERY_STATES
 from registry.tags import BadTag, format_tag, parse_tag
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -78,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     rejects.add_argument("--reason", choices=[r.value for r in Reason])
     rejects.add_argument("--station")
     rejects.add_argument("--json", action="store_true")
+
+    deliveries = sub.add_parser("deliveries", help="alerts to webhooks").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    listing = deliveries.add_parser("list", help="deliveries, newest first")
+    listing.add_argument("--state", choices=DELIVERY_STATES)
+    listing.add_argument("--webhook", metavar="NAME")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    deliveries.add_parser("retry", help="send dead-lettered alerts again").add_argument(
+        "--webhook", metavar="NAME")
 
     reports = sub.add_parser("report", help="reports for operators").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -206,6 +217,29 @@ async def _rejects(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, job)
 
 
+async def _deliveries(settings: Settings, args: argparse.Namespace) -> int:
+    from registry.queries import list_deliveries, requeue_dead
+
+    async def job(engine: Any) -> int:
+        if args.action == "retry":
+            n = await requeue_dead(engine, wall_ms(), args.webhook)
+            print(f"{n} dead-lettered deliveries queued again")
+            return EXIT_OK
+        rows = await list_deliveries(engine, args.state, args.webhook, args.limit)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return EXIT_OK
+        if not rows:
+            print("no deliveries")
+        for r in rows:
+            print(f"{_iso(r['created_ms'])}  {r['webhook']:<16} {r['state']:<9} "
+                  f"attempts={r['attempts']:<3} {r['kind']} {r['case_id']} {r['alert_id']}  "
+                  f"{r['last_error']}")
+        return EXIT_OK
+
+    return await _with_db(settings, job)
+
+
 async def _report(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.reports import as_csv, as_json, as_table, uptime_for
 
@@ -267,6 +301,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             return await _rejects(settings, args)
         case "report":
             return await _report(settings, args)
+        case "deliveries":
+            return await _deliveries(settings, args)
         case "simulate" | "bench":
             from simulator.cli import run_simulator_command
 

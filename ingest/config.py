@@ -10,7 +10,9 @@ at import time.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import re
 import tomllib
 import zoneinfo
@@ -33,6 +35,21 @@ class MqttEndpoint:
     username: str | None
     password: str | None
     tls: bool
+
+
+@dataclass(slots=True, frozen=True)
+class WebhookReceiver:
+    """A police system that takes alerts by HTTP POST (docs/protocol.md, "Webhooks")."""
+
+    name: str
+    url: str
+    # Standard Webhooks secrets (`whsec_` + base64): every one signs each request, so a
+    # receiver rotating its secret accepts either while both are listed.
+    secrets: tuple[str, ...]
+    zones: tuple[str, ...] = ("*",)  # the zones whose alerts it gets; "*" for all
+
+    def serves(self, zone: str) -> bool:
+        return "*" in self.zones or zone in self.zones
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,6 +81,10 @@ class Settings:
     # provisioning, 1.00 from a year later (the towns' plans).
     uptime_targets: tuple[tuple[str, float], ...] = ()
     dedupe_hours: float = 48.0        # contract: at least 24
+    # Alert webhooks: a TOML array of tables [[webhooks]], or a JSON array in the environment.
+    webhooks: tuple[WebhookReceiver, ...] = ()
+    webhook_timeout_s: float = 10.0   # per attempt
+    webhook_max_age_s: float = 72 * 3600.0  # retried this long, then dead-lettered
     timezone: str = "UTC"             # for ISO times given without an offset
 
     @classmethod
@@ -107,7 +128,8 @@ class Settings:
             raise ConfigError("BIKEWATCH_RECEIVE_MAXIMUM",
                               f"{self.receive_maximum} is not in 1..30000")
         for name in ("group_messages", "visit_gap_s", "late_after_s", "heartbeat_timeout_s",
-                     "flap_transitions", "flap_window_s", "down_repeat_s"):
+                     "flap_transitions", "flap_window_s", "down_repeat_s", "webhook_timeout_s",
+                     "webhook_max_age_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"BIKEWATCH_{name.upper()}", "must be positive")
         for zone, seconds in self.zone_timeouts:
@@ -115,6 +137,9 @@ class Settings:
                 raise ConfigError("BIKEWATCH_ZONE_TIMEOUTS",
                                   f"{zone}={seconds}: want zone=seconds with seconds > 0")
         self.uptime_stages()
+        names = [w.name for w in self.webhooks]
+        if len(names) != len(set(names)):
+            raise ConfigError("BIKEWATCH_WEBHOOKS", "two webhooks have the same name")
         if self.dedupe_hours < 24:
             raise ConfigError("BIKEWATCH_DEDUPE_HOURS", "must be at least 24 (PROTOCOL.md 2.4)")
         try:
@@ -176,6 +201,8 @@ def _coerce(name: str, raw: object, default: object) -> Any:
             return float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(setting, f"{raw!r} is not a number") from None
+    if name == "webhooks":
+        return _webhooks(setting, raw)
     if isinstance(default, tuple):
         return _pairs(setting, raw)
     if not isinstance(raw, str):
@@ -205,3 +232,43 @@ def _pairs(setting: str, raw: object) -> tuple[tuple[str, float], ...]:
         except (TypeError, ValueError):
             raise ConfigError(setting, f"{key}={value!r}: not a number") from None
     return tuple(out)
+
+
+def _webhooks(setting: str, raw: object) -> tuple[WebhookReceiver, ...]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else []
+        except ValueError:
+            raise ConfigError(setting, "is not a JSON array of webhooks") from None
+    if not isinstance(raw, list):
+        raise ConfigError(setting, "is not a list of webhooks")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"webhook {i + 1}"
+        if not isinstance(item, dict) or set(item) - {"name", "url", "secrets", "zones"}:
+            raise ConfigError(setting, f"{where}: want a table of name, url, secrets, zones")
+        name, url = item.get("name"), item.get("url")
+        secrets, zones = item.get("secrets"), item.get("zones", ["*"])
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(setting, f"{where}: name {name!r} breaks [A-Za-z0-9._-]{{1,64}}")
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") \
+                or not urlsplit(url).hostname:
+            raise ConfigError(setting, f"{name}: url {url!r} is not http(s)://host/...")
+        if (not isinstance(secrets, list) or not secrets
+                or not all(isinstance(x, str) and _secret_ok(x) for x in secrets)):
+            raise ConfigError(setting, f"{name}: secrets must be a list of whsec_<base64>")
+        if (not isinstance(zones, list) or not zones
+                or not all(isinstance(z, str) and (z == "*" or _NAME.fullmatch(z))
+                           for z in zones)):
+            raise ConfigError(setting, f"{name}: zones must be a list of zone ids or \"*\"")
+        out.append(WebhookReceiver(name, url, tuple(secrets), tuple(zones)))
+    return tuple(out)
+
+
+def _secret_ok(secret: str) -> bool:
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return bool(base64.b64decode(secret[6:] + "==", validate=False))
+    except ValueError:
+        return False

@@ -20,7 +20,7 @@ from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.reports import as_csv, as_json, as_table, uptime_for
 from registry.errors import Refused
-from registry.queries import list_rejects, trajectory
+from registry.queries import list_deliveries, list_rejects, trajectory
 from registry.tags import BadTag, parse_tag
 
 
@@ -52,6 +52,12 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         except BadTag as exc:
             raise HTTPException(400, str(exc)) from None
         return await trajectory(engine, value, since_ms)
+
+    @app.get("/api/v1/deliveries")
+    async def deliveries(state: str | None = Query(None, pattern="^(pending|delivered|dead)$"),
+                         webhook: str | None = None,
+                         limit: int = Query(50, ge=1, le=10_000)) -> list[dict[str, Any]]:
+        return await list_deliveries(engine, state, webhook, limit)
 
     @app.get("/api/v1/reports/uptime", response_model=None)
     async def report_uptime(

@@ -57,6 +57,13 @@ class Metrics:
                                   registry=registry)
         self.stolen_tags = Gauge("bikewatch_stolen_tags", "Open cases in the hot-path snapshot",
                                  registry=registry)
+        self.webhook_deliveries = Counter(
+            "bikewatch_webhook_deliveries", "Webhook attempts by result: delivered, failed "
+            "(retried later), dead (retried for webhook_max_age_s, then dead-lettered)",
+            ["webhook", "result"], registry=registry)
+        self.webhook_backlog = Gauge("bikewatch_webhook_backlog",
+                                     "Alerts waiting for delivery to a webhook", ["webhook"],
+                                     registry=registry)
         self.station_transitions = Counter(
             "bikewatch_station_transitions", "Station up/down changes stored, by zone and the "
             "state changed to", ["zone", "to"], registry=registry)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,8 @@ class Pipeline:
         self._seen_max = dedupe_window
         self._alerted: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._recorded_unknown: set[str] = set()
+        # zone -> the webhooks that take its alerts (alerts.webhook)
+        self.webhooks: Callable[[str], Sequence[str]] = lambda _zone: ()
 
     # -- decode: pure, no I/O -------------------------------------------------
 
@@ -301,7 +303,7 @@ class Pipeline:
                 continue
             alert = await raise_alert(conn, Sighting(
                 case_id, int(tag[r]), station, key[2], int(snapshot.stolen_at_ms[e]),
-                int(received[r])), self.directory, now, self.late_after_ms)
+                int(received[r])), self.directory, now, self.late_after_ms, self.webhooks)
             self._alerted[key] = None
             if len(self._alerted) > 100_000:
                 self._alerted.popitem(last=False)

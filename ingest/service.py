@@ -4,6 +4,7 @@
         consume     inbox -> Pipeline.process (one transaction) -> ack -> outbox
         refresh     registry version poll -> new stolen snapshot and station directory
         outbox      publish committed alerts, mark them published
+        webhooks    one loop per webhook: POST, retry, dead-letter (alerts.webhook)
         materialize fold the visit log into `visits` (ingest.visitlog)
         health      station health: silence found, transitions stored, operators told
         maintain    dedupe keys past the window, reject store past 10,000, old open visits
@@ -29,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import RaisedAlert
 from alerts.outbox import Outbox
+from alerts.webhook import WebhookSender
 from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError
@@ -76,6 +78,16 @@ class Worker:
         self.pipeline = Pipeline(engine, settings.mqtt_root, self.holder, self.health,
                                  self.metrics, clock, gap_ms=int(settings.visit_gap_s * 1000),
                                  late_after_ms=int(settings.late_after_s * 1000))
+        self.webhooks = WebhookSender(
+            engine, settings.webhooks, clock, timeout_s=settings.webhook_timeout_s,
+            max_age_ms=int(settings.webhook_max_age_s * 1000),
+            on_result=lambda name, result: self.metrics.webhook_deliveries.labels(
+                name, result).inc(),
+            on_backlog=lambda name, n: self.metrics.webhook_backlog.labels(name).set(n))
+        self.pipeline.webhooks = self.webhooks.routes
+        for hook in settings.webhooks:
+            for result in ("delivered", "failed", "dead"):
+                self.metrics.webhook_deliveries.labels(hook.name, result)
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.on_alert: Callable[[RaisedAlert], None] | None = None
@@ -109,6 +121,7 @@ class Worker:
                 others = [
                     tg.create_task(self._every(REFRESH_S, self._refresh), name="refresh"),
                     tg.create_task(outbox.run(self.stop), name="outbox"),
+                    tg.create_task(self.webhooks.run(self.stop), name="webhooks"),
                     tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
                     tg.create_task(self._every(MATERIALIZE_S, self._materialize),
                                    name="materialize"),
@@ -155,6 +168,8 @@ class Worker:
                     delay = min(delay * 2, 10.0)
         link.ack(msgs)
         outbox.notify(result.alerts)
+        if result.alerts:
+            self.webhooks.notify()
 
     async def _every(self, seconds: float, job: Callable[[], object]) -> None:
         """Run `job` every `seconds` until `stop` is set."""

@@ -168,6 +168,30 @@ class Alert(Base):
     )
 
 
+class Delivery(Base):
+    """One alert to one webhook: created with the alert, in its transaction, and retried
+    until delivered or dead-lettered (`alerts.webhook`). MQTT delivery is `Alert.published_ms`."""
+
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    alert_id: Mapped[str] = mapped_column(String(26), ForeignKey("alerts.alert_id"))
+    channel: Mapped[str] = mapped_column(String(64))   # the webhook's name
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    next_ms: Mapped[int] = mapped_column(BigInteger)   # next attempt
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivered_ms: Mapped[int | None] = mapped_column(BigInteger)
+    dead_ms: Mapped[int | None] = mapped_column(BigInteger)
+    last_error: Mapped[str] = mapped_column(String(300), default="")
+    __table_args__ = (
+        UniqueConstraint("alert_id", "channel", name="uq_deliveries_alert_channel"),
+        # The sender's question, per webhook: what is due? Only pending rows are indexed.
+        Index("ix_deliveries_due", "channel", "next_ms",
+              sqlite_where=text("delivered_ms IS NULL AND dead_ms IS NULL"),
+              postgresql_where=text("delivered_ms IS NULL AND dead_ms IS NULL")),
+    )
+
+
 class RejectRecord(Base):
     """The bounded reject store of PROTOCOL.md 2.5 (newest 10,000, payloads cut to 64 KiB)."""
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from registry.models import RejectRecord, Station, Visit
+from registry.models import Alert, Delivery, RejectRecord, Station, Visit
 from registry.tags import to_db
 
 
@@ -46,3 +46,42 @@ async def trajectory(engine: AsyncEngine, tag: int, since_ms: int = 0,
     return [{"station": r.station, "name": r.name or "", "lat": r.lat, "lon": r.lon,
              "zone": r.zone or "unassigned", "first_ms": r.first_ms, "last_ms": r.last_ms,
              "reads": r.reads, "best_rssi": r.best_rssi} for r in rows]
+
+
+DELIVERY_STATES = ("pending", "delivered", "dead")
+
+
+async def list_deliveries(engine: AsyncEngine, state: str | None = None,
+                          webhook: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Webhook deliveries, newest alert first."""
+    q = (select(Delivery.alert_id, Delivery.channel, Delivery.attempts, Delivery.created_ms,
+                Delivery.next_ms, Delivery.delivered_ms, Delivery.dead_ms, Delivery.last_error,
+                Alert.kind, Alert.case_id, Alert.zone)
+         .join(Alert, Alert.alert_id == Delivery.alert_id)
+         .order_by(Delivery.id.desc()).limit(limit))
+    if webhook:
+        q = q.where(Delivery.channel == webhook)
+    if state == "pending":
+        q = q.where(Delivery.delivered_ms.is_(None), Delivery.dead_ms.is_(None))
+    elif state == "delivered":
+        q = q.where(Delivery.delivered_ms.is_not(None))
+    elif state == "dead":
+        q = q.where(Delivery.dead_ms.is_not(None))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(q)).all()
+    return [{"alert_id": r.alert_id, "webhook": r.channel, "kind": r.kind,
+             "case_id": r.case_id, "zone": r.zone, "attempts": r.attempts,
+             "state": "delivered" if r.delivered_ms else "dead" if r.dead_ms else "pending",
+             "created_ms": r.created_ms, "next_ms": r.next_ms, "delivered_ms": r.delivered_ms,
+             "dead_ms": r.dead_ms, "last_error": r.last_error} for r in rows]
+
+
+async def requeue_dead(engine: AsyncEngine, now_ms: int, webhook: str | None = None) -> int:
+    """Dead letters back to pending, from now on: for a receiver that is back for good.
+    Their age restarts, so they are retried for another `webhook_max_age_s`."""
+    q = (update(Delivery).where(Delivery.dead_ms.is_not(None))
+         .values(dead_ms=None, next_ms=now_ms, created_ms=now_ms))
+    if webhook:
+        q = q.where(Delivery.channel == webhook)
+    async with engine.begin() as conn:
+        return int((await conn.execute(q)).rowcount)

@@ -1,4 +1,5 @@
-"""Test helpers: a worker in the test's event loop, a police receiver, settings per test."""
+"""Test helpers: a worker in the test's event loop, a police receiver, settings per test,
+and the small staged town most end-to-end tests share."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.broker import BrokerHandle, free_port
+from ingest.clock import wall_ms
 from ingest.config import Settings
 from ingest.service import Worker
+from registry.cases import report_theft
 from registry.db import open_database
+from registry.imports import import_stations, import_vehicles
 from simulator.publisher import StationPublisher
 
 
@@ -108,3 +112,42 @@ async def until(predicate: object, timeout: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+STATIONS = """id,name,lat,lon,zone
+SP-0040,Harbour Rd / 2nd St,28.7200,121.5400,shangpan
+SP-0042,Harbour Rd / 3rd St,28.7300,121.5500,shangpan
+SP-0050,Hill Rd,28.7400,121.5600,xiaozhi
+"""
+VEHICLES = """tag,plate,owner_name,owner_phone,brand,color
+00a1b2c3,ZJ-J12345,Li Lei,13800001234,Yadea,white
+00a1b2c4,ZJ-J12346,Han Meimei,13900001234,Niu,black
+"""
+STOLEN = 0xA1B2C3
+INNOCENT = 0xA1B2C4
+
+
+async def stage_registry(db_url: str) -> None:
+    """Three stations in two zones, two bikes, one of them stolen an hour ago."""
+    engine = await open_database(db_url)
+    await import_stations(engine, STATIONS, wall_ms())
+    await import_vehicles(engine, VEHICLES)
+    await report_theft(engine, STOLEN, "LH-2026-0042", wall_ms() - 3_600_000, wall_ms())
+    await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def town(broker: BrokerHandle, db_url: str, alerts: str | None, topic: str = "alerts",
+                **extra: str) -> AsyncIterator[tuple[Settings, Worker, Police, StationPublisher]]:
+    """The registry of `stage_registry`, a running worker, a station publisher, and a
+    police receiver on `{root}/{topic}/{alerts}` (all zones when None)."""
+    settings = settings_for(broker, db_url, **extra)
+    await stage_registry(db_url)
+    police = Police(settings, f"{settings.mqtt_root}/{topic}/{alerts or '#'}")
+    pub = publisher(settings)
+    try:
+        async with running_worker(settings) as worker:
+            yield settings, worker, police, pub
+    finally:
+        pub.close()
+        police.close()

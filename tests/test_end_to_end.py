@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
@@ -14,55 +12,22 @@ import pytest
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary, encode_json
-from ingest.config import Settings
 from ingest.service import Worker
 from registry.cases import recover_theft, report_theft
-from registry.imports import import_stations, import_vehicles
 from registry.queries import list_rejects, trajectory
-from simulator.publisher import StationPublisher
-from tests.helpers import Police, metric, publisher, running_worker, settings_for, until
+from tests.helpers import (
+    INNOCENT,
+    STOLEN,
+    metric,
+    publisher,
+    running_worker,
+    settings_for,
+    stage_registry,
+    town,
+    until,
+)
 
 pytestmark = pytest.mark.broker
-
-STATIONS = """id,name,lat,lon,zone
-SP-0040,Harbour Rd / 2nd St,28.7200,121.5400,shangpan
-SP-0042,Harbour Rd / 3rd St,28.7300,121.5500,shangpan
-SP-0050,Hill Rd,28.7400,121.5600,xiaozhi
-"""
-VEHICLES = """tag,plate,owner_name,owner_phone,brand,color
-00a1b2c3,ZJ-J12345,Li Lei,13800001234,Yadea,white
-00a1b2c4,ZJ-J12346,Han Meimei,13900001234,Niu,black
-"""
-STOLEN = 0xA1B2C3
-INNOCENT = 0xA1B2C4
-
-
-async def _registry(db_url: str) -> None:
-    from registry.db import open_database
-
-    engine = await open_database(db_url)
-    await import_stations(engine, STATIONS, wall_ms())
-    await import_vehicles(engine, VEHICLES)
-    await report_theft(engine, STOLEN, "LH-2026-0042", wall_ms() - 3_600_000, wall_ms())
-    await engine.dispose()
-
-
-@contextlib.asynccontextmanager
-async def _town(broker: BrokerHandle, db_url: str, alerts: str | None, topic: str = "alerts",
-                **extra: str) -> AsyncIterator[tuple[Settings, Worker, Police, StationPublisher]]:
-    """The registry above, a running worker, a station publisher, and a police receiver
-    on `{root}/{topic}/{alerts}` (all zones when None)."""
-    settings = settings_for(broker, db_url, **extra)
-    await _registry(db_url)
-    police = Police(settings, f"{settings.mqtt_root}/{topic}/{alerts or '#'}")
-    pub = publisher(settings)
-    try:
-        async with running_worker(settings) as worker:
-            yield settings, worker, police, pub
-    finally:
-        pub.close()
-        police.close()
-
 
 def _metric(worker: Worker, name: str, **labels: str) -> float:
     return metric(worker, name, **labels) or 0.0
@@ -71,7 +36,7 @@ def _metric(worker: Worker, name: str, **labels: str) -> float:
 class TestStolenSighting:
     async def test_alert_per_visit_with_trajectory(self, broker: BrokerHandle,
                                                    sqlite_url: str) -> None:
-        async with _town(broker, sqlite_url, "+") as (settings, worker, police, pub):
+        async with town(broker, sqlite_url, "+") as (settings, worker, police, pub):
             await until(lambda: len(worker.holder.current) == 1, 5)
             t0 = wall_ms() - 200_000
             tags = np.array([INNOCENT, STOLEN, STOLEN], np.uint64)
@@ -112,7 +77,7 @@ class TestStolenSighting:
 
     async def test_recovered_case_raises_nothing_and_reports_reach_the_worker_fast(
             self, broker: BrokerHandle, sqlite_url: str) -> None:
-        async with _town(broker, sqlite_url, None) as (settings, worker, police, pub):
+        async with town(broker, sqlite_url, None) as (settings, worker, police, pub):
             await recover_theft(worker.engine, "LH-2026-0042", wall_ms())
             assert await until(lambda: len(worker.holder.current) == 0, 1.0)
             t0 = wall_ms()
@@ -133,7 +98,7 @@ class TestStolenSighting:
 
     async def test_unknown_station_alerts_go_to_unassigned(self, broker: BrokerHandle,
                                                            sqlite_url: str) -> None:
-        async with _town(broker, sqlite_url, "unassigned") as (_, worker, police, pub):
+        async with town(broker, sqlite_url, "unassigned") as (_, worker, police, pub):
             t0 = wall_ms()
             pub.reads("XX-9", np.array([STOLEN], np.uint64), np.array([t0]), np.array([0]),
                       t0)
@@ -150,7 +115,7 @@ class TestStolenSighting:
 class TestIntake:
     async def test_duplicates_rejects_and_metrics(self, broker: BrokerHandle,
                                                   db_url: str) -> None:
-        async with _town(broker, db_url, None) as (settings, worker, _, pub):
+        async with town(broker, db_url, None) as (settings, worker, _, pub):
             root = settings.mqtt_root
             t0 = wall_ms()
             good = encode_binary(7, 1, t0, [1, 2, 3], [0, 1, 2], [-50, 0, -60])
@@ -193,7 +158,7 @@ class TestIntake:
 class TestStationUptime:
     async def test_up_silent_back_offline_stored_reported_and_served(
             self, broker: BrokerHandle, db_url: str) -> None:
-        async with _town(broker, db_url, None, "health", BIKEWATCH_HEARTBEAT_TIMEOUT_S="1.5",
+        async with town(broker, db_url, None, "health", BIKEWATCH_HEARTBEAT_TIMEOUT_S="1.5",
                          BIKEWATCH_DOWN_REPEAT_S="2") as (settings, worker, ops, pub):
             def up() -> float:
                 return _metric(worker, "bikewatch_station_up", station="SP-0040",
@@ -253,7 +218,7 @@ class TestStationUptime:
                     select(func.count()).select_from(StationTransition))).scalar_one())
 
         settings = settings_for(broker, sqlite_url)
-        await _registry(sqlite_url)
+        await stage_registry(sqlite_url)
         pub = publisher(settings)
         try:
             async with running_worker(settings) as worker:

@@ -53,6 +53,10 @@ class TestRegistryCommands:
         assert_clean_error(bw("theft", "recover", "--case", "LH-9", env=env), 1, "unknown case")
         assert bw("trajectory", "--tag", "00a1b2c3", env=env).returncode == 0
         assert bw("rejects", env=env).stdout.strip() == "no rejects"
+        assert bw("deliveries", "list", "--state", "dead", env=env).stdout.strip() == (
+            "no deliveries")
+        assert "0 dead-lettered deliveries queued again" in bw("deliveries", "retry",
+                                                                env=env).stdout
 
     @pytest.mark.parametrize("args", [
         ("theft", "report", "--tag", "0x12", "--case", "C"),

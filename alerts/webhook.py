@@ -1,0 +1,181 @@
+"""Alerts to police webhooks: signed HTTP POSTs, retried until delivered or dead-lettered.
+
+Each alert gets one `deliveries` row per webhook of its zone, written in the
+alert's own transaction (alerts.engine), so a crash at any point between
+raising and delivering leaves the row pending and the next start sends it.
+Each webhook has its own loop: a receiver that is down or slow delays only
+itself. A request carries the alert JSON as its body and the Standard
+Webhooks headers: `webhook-id` (the alert_id, the same on every retry, for
+the receiver to drop repeats), `webhook-timestamp` (seconds) and
+`webhook-signature`, one `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` per
+configured secret, so a receiver in the middle of a secret rotation accepts
+either. A 2xx answer is delivery; anything else, a timeout or a refused
+connection is retried with exponential backoff and jitter (1 s doubling to
+15 minutes) until `webhook_max_age_s` (72 h) after the alert, then the row is
+dead-lettered: counted, listed by `bikewatch deliveries list --state dead`,
+and requeued by `bikewatch deliveries retry`. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from standardwebhooks import Webhook
+
+from ingest.config import WebhookReceiver
+from registry.models import Alert, Delivery
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE_MS = 1_000
+RETRY_CAP_MS = 15 * 60_000
+POLL_S = 1.0      # a new alert wakes its loops at once (`notify`); this only bounds a miss
+BATCH = 50        # due rows read at a time, per webhook
+
+
+def sign(receiver: WebhookReceiver, msg_id: str, timestamp_s: int, body: str) -> str:
+    """The `webhook-signature` header: one signature per active secret."""
+    when = dt.datetime.fromtimestamp(timestamp_s, tz=dt.UTC)
+    return " ".join(Webhook(secret).sign(msg_id, when, body) for secret in receiver.secrets)
+
+
+def retry_delay_ms(attempts: int, rng: random.Random) -> int:
+    """Exponential backoff with jitter: half to all of min(cap, base * 2^(attempts-1))."""
+    ceiling = min(RETRY_CAP_MS, RETRY_BASE_MS * 2 ** min(attempts - 1, 30))
+    return int(ceiling * rng.uniform(0.5, 1.0))
+
+
+@dataclass(slots=True, frozen=True)
+class _Due:
+    id: int
+    alert_id: str
+    attempts: int
+    created_ms: int
+    payload: str
+
+
+class WebhookSender:
+    def __init__(self, engine: AsyncEngine, receivers: Sequence[WebhookReceiver],
+                 clock: Callable[[], int], *, timeout_s: float = 10.0,
+                 max_age_ms: int = 72 * 3_600_000,
+                 on_result: Callable[[str, str], None] = lambda _name, _result: None,
+                 on_backlog: Callable[[str, int], None] = lambda _name, _n: None) -> None:
+        self.engine = engine
+        self.receivers = tuple(receivers)
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self.max_age_ms = max_age_ms
+        self.on_result = on_result      # (webhook, delivered | failed | dead)
+        self.on_backlog = on_backlog    # (webhook, pending rows)
+        self._wake = {r.name: asyncio.Event() for r in self.receivers}
+        self._rng = random.Random()
+
+    def routes(self, zone: str) -> list[str]:
+        """The webhooks that take this zone's alerts (for alerts.engine)."""
+        return [r.name for r in self.receivers if r.serves(zone)]
+
+    def notify(self) -> None:
+        """New alerts were committed: look now, not at the next poll."""
+        for event in self._wake.values():
+            event.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.receivers:
+            return
+        async with httpx.AsyncClient(timeout=self.timeout_s) as http, asyncio.TaskGroup() as tg:
+            for r in self.receivers:
+                tg.create_task(self._loop(r, http, stop), name=f"webhook-{r.name}")
+
+    async def _loop(self, r: WebhookReceiver, http: httpx.AsyncClient,
+                    stop: asyncio.Event) -> None:
+        wake = self._wake[r.name]
+        while not stop.is_set():
+            wake.clear()
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                due = await self._due(r.name)
+                for row in due:
+                    post = asyncio.ensure_future(self._post(r, http, row))
+                    await asyncio.wait({post, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if not post.done():  # shutting down: the row stays pending for next time
+                        post.cancel()
+                        return
+                    await self._record(r.name, row, post.result())
+                    if stop.is_set():
+                        return
+            except (DBAPIError, OSError) as exc:  # the database is away: the rows wait
+                log.warning("webhook %s: database error: %s", r.name, str(exc)[:200])
+                due = []
+            finally:
+                stopping.cancel()
+            if len(due) < BATCH:  # caught up: sleep until new alerts or the poll
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_first(wake, stop), POLL_S)
+
+    async def _due(self, name: str) -> list[_Due]:
+        pending = (Delivery.channel == name, Delivery.delivered_ms.is_(None),
+                   Delivery.dead_ms.is_(None))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(Delivery.id, Delivery.alert_id, Delivery.attempts, Delivery.created_ms,
+                       Alert.payload)
+                .join(Alert, Alert.alert_id == Delivery.alert_id)
+                .where(*pending, Delivery.next_ms <= self.clock())
+                .order_by(Delivery.next_ms, Delivery.id).limit(BATCH))).all()
+            backlog = (await conn.execute(select(func.count()).select_from(Delivery)
+                                          .where(*pending))).scalar_one()
+        self.on_backlog(name, int(backlog))
+        return [_Due(r.id, r.alert_id, r.attempts, r.created_ms, r.payload) for r in rows]
+
+    async def _post(self, r: WebhookReceiver, http: httpx.AsyncClient, row: _Due) -> str | None:
+        """None when delivered, else what went wrong."""
+        ts = self.clock() // 1000
+        headers = {"content-type": "application/json", "webhook-id": row.alert_id,
+                   "webhook-timestamp": str(ts),
+                   "webhook-signature": sign(r, row.alert_id, ts, row.payload)}
+        try:
+            answer = await http.post(r.url, content=row.payload.encode(), headers=headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+        if 200 <= answer.status_code < 300:
+            return None
+        return f"HTTP {answer.status_code}"
+
+    async def _record(self, name: str, row: _Due, error: str | None) -> None:
+        now = self.clock()
+        attempts = row.attempts + 1
+        values: dict[str, object] = {"attempts": attempts, "last_error": error or ""}
+        if error is None:
+            values["delivered_ms"] = now
+            result = "delivered"
+        elif now - row.created_ms >= self.max_age_ms:
+            values["dead_ms"] = now
+            result = "dead"
+            log.warning("webhook %s: alert %s dead-lettered after %d attempts: %s", name,
+                        row.alert_id, attempts, error)
+        else:
+            values["next_ms"] = now + retry_delay_ms(attempts, self._rng)
+            result = "failed"
+        async with self.engine.begin() as conn:
+            await conn.execute(update(Delivery).where(Delivery.id == row.id).values(**values))
+        self.on_result(name, result)
+
+
+async def _first(wake: asyncio.Event, stop: asyncio.Event) -> None:
+    """Return when either event is set."""
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -1,0 +1,234 @@
+"""Alerts to webhooks: Standard Webhooks signatures, zone routing, retries, dead letters,
+a restart in between, all through the real broker to a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from standardwebhooks import Webhook
+
+from alerts.webhook import RETRY_CAP_MS, retry_delay_ms, sign
+from ingest.broker import BrokerHandle
+from ingest.clock import wall_ms
+from ingest.config import Settings, WebhookReceiver
+from ingest.errors import ConfigError
+from registry.db import open_database
+from registry.queries import list_deliveries, requeue_dead
+from tests.helpers import (
+    STOLEN,
+    metric,
+    publisher,
+    running_worker,
+    settings_for,
+    stage_registry,
+    until,
+)
+
+SECRET_OLD = "whsec_" + base64.b64encode(b"old secret of the police system").decode()
+SECRET_NEW = "whsec_" + base64.b64encode(b"new secret, rotation under way").decode()
+
+
+class Receiver:
+    """A police system's webhook endpoint on loopback: answers `status`, or hangs."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.hang_s = 0.0
+        self.requests: list[tuple[dict[str, str], bytes, int]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if receiver.hang_s:
+                    time.sleep(receiver.hang_s)
+                status = receiver.status
+                receiver.requests.append((dict(self.headers), body, status))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self) -> list[tuple[dict[str, str], bytes]]:
+        return [(h, b) for h, b, status in self.requests if 200 <= status < 300]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receivers() -> Iterator[tuple[Receiver, Receiver]]:
+    a, b = Receiver(), Receiver()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _hooks(*entries: tuple[str, Receiver, list[str]]) -> str:
+    return json.dumps([{"name": name, "url": r.url, "secrets": [SECRET_NEW, SECRET_OLD],
+                        "zones": zones} for name, r, zones in entries])
+
+
+def _sighting(pub: object, station: str = "SP-0040") -> None:
+    t = wall_ms()
+    pub.reads(station, np.array([STOLEN], np.uint64), np.array([t]),  # type: ignore[attr-defined]
+              np.array([-50]), t)
+
+
+class TestSignature:
+    def test_every_secret_signs_and_the_reference_verifies_each(self) -> None:
+        hook = WebhookReceiver("p", "http://x", (SECRET_NEW, SECRET_OLD))
+        ts = int(time.time())
+        headers = {"webhook-id": "01JD6Q6Y3J8M2V6W1X9Z0ABCDE", "webhook-timestamp": str(ts),
+                   "webhook-signature": sign(hook, "01JD6Q6Y3J8M2V6W1X9Z0ABCDE", ts, '{"v":1}')}
+        for secret in (SECRET_NEW, SECRET_OLD):  # a receiver on either side of a rotation
+            assert Webhook(secret).verify('{"v":1}', headers) == {"v": 1}
+        key = base64.b64decode(SECRET_OLD.removeprefix("whsec_"))
+        by_hand = base64.b64encode(hmac.new(
+            key, f"01JD6Q6Y3J8M2V6W1X9Z0ABCDE.{ts}.{{\"v\":1}}".encode(),
+            hashlib.sha256).digest()).decode()
+        assert f"v1,{by_hand}" in headers["webhook-signature"].split(" ")
+        with pytest.raises(Exception, match="signature"):
+            Webhook(SECRET_OLD).verify('{"v":2}', headers)
+
+    def test_backoff_doubles_with_jitter_up_to_the_cap(self) -> None:
+        rng = random.Random(1)
+        for attempts, ceiling in ((1, 1_000), (2, 2_000), (5, 16_000), (40, RETRY_CAP_MS)):
+            delays = [retry_delay_ms(attempts, rng) for _ in range(50)]
+            assert all(ceiling / 2 <= d <= ceiling for d in delays)
+            assert len(set(delays)) > 10  # jitter: receivers are not hit in lockstep
+
+    @pytest.mark.parametrize("bad", [
+        "[{}]", '[{"name": "p", "url": "ftp://x", "secrets": ["whsec_AAAA"]}]',
+        '[{"name": "p", "url": "http://x", "secrets": ["plain"]}]',
+        '[{"name": "p", "url": "http://x", "secrets": ["whsec_AAAA"], "zones": ["a b"]}]',
+        '[{"name": "p", "url": "http://x", "secrets": ["whsec_AAAA"]},'
+        ' {"name": "p", "url": "http://y", "secrets": ["whsec_AAAA"]}]', "not json"])
+    def test_bad_configuration_names_the_setting(self, bad: str) -> None:
+        with pytest.raises(ConfigError, match="BIKEWATCH_WEBHOOKS"):
+            Settings.load(None, {"BIKEWATCH_WEBHOOKS": bad})
+
+
+@pytest.mark.broker
+class TestDelivery:
+    async def test_zone_webhooks_get_the_alert_signed_once(
+            self, broker: BrokerHandle, sqlite_url: str,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        sp, xz = receivers
+        settings = settings_for(broker, sqlite_url, BIKEWATCH_WEBHOOKS=_hooks(
+            ("police-sp", sp, ["shangpan"]), ("police-xz", xz, ["xiaozhi"])))
+        await stage_registry(sqlite_url)
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings) as worker:
+                await until(lambda: len(worker.holder.current) == 1, 5)
+                _sighting(pub)
+                assert await until(lambda: len(sp.delivered()) == 1)
+                await until(lambda: metric(worker, "bikewatch_webhook_deliveries_total",
+                                           webhook="police-sp", result="delivered") == 1)
+                rows = await list_deliveries(worker.engine)
+        finally:
+            pub.close()
+        headers, body = sp.delivered()[0]
+        alert = Webhook(SECRET_OLD).verify(body, headers)
+        assert alert["kind"] == "stolen_sighting" and alert["station"]["zone"] == "shangpan"
+        assert headers["webhook-id"] == alert["alert_id"]
+        assert xz.requests == []  # another zone's patrol
+        assert [(r["webhook"], r["state"], r["attempts"]) for r in rows] == [
+            ("police-sp", "delivered", 1)]
+
+    async def test_a_receiver_down_gets_it_when_back_and_delays_no_other(
+            self, broker: BrokerHandle, sqlite_url: str,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        down, up = receivers
+        down.status, down.hang_s = 503, 1.0  # slower than the timeout per attempt
+        settings = settings_for(broker, sqlite_url, BIKEWATCH_WEBHOOK_TIMEOUT_S="0.3",
+                                BIKEWATCH_WEBHOOKS=_hooks(("down", down, ["*"]),
+                                                          ("up", up, ["shangpan"])))
+        await stage_registry(sqlite_url)
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings) as worker:
+                await until(lambda: len(worker.holder.current) == 1, 5)
+                started = time.monotonic()
+                _sighting(pub)
+                assert await until(lambda: len(up.delivered()) == 1)
+                assert time.monotonic() - started < 2
+                assert await until(lambda: len(down.requests) >= 2, 6)  # retried
+                down.status, down.hang_s = 200, 0.0
+                assert await until(lambda: len(down.delivered()) == 1, 10)
+                await until(lambda: metric(worker, "bikewatch_webhook_backlog",
+                                           webhook="down") == 0, 3)
+                assert (metric(worker, "bikewatch_webhook_deliveries_total", webhook="down",
+                               result="failed") or 0) >= 2
+        finally:
+            pub.close()
+        ids = {h["webhook-id"] for h, _, _ in down.requests}
+        assert len(ids) == 1  # every retry is the same alert, under the same id
+        assert len(down.delivered()) == 1
+
+    async def test_pending_alerts_are_delivered_after_a_restart(
+            self, broker: BrokerHandle, sqlite_url: str,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        hook, _ = receivers
+        hook.status = 500
+        settings = settings_for(broker, sqlite_url,
+                                BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"])))
+        await stage_registry(sqlite_url)
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings) as worker:
+                await until(lambda: len(worker.holder.current) == 1, 5)
+                _sighting(pub)
+                assert await until(lambda: len(hook.requests) >= 1)
+            hook.status = 200
+            async with running_worker(settings):
+                assert await until(lambda: len(hook.delivered()) == 1, 10)
+                await asyncio.sleep(0.5)  # nothing more comes
+        finally:
+            pub.close()
+        assert len(hook.delivered()) == 1
+
+    async def test_dead_lettered_after_max_age_then_requeued(
+            self, broker: BrokerHandle, sqlite_url: str,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        hook, _ = receivers
+        hook.status = 503
+        settings = settings_for(broker, sqlite_url, BIKEWATCH_WEBHOOK_MAX_AGE_S="1.5",
+                                BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"])))
+        await stage_registry(sqlite_url)
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings) as worker:
+                await until(lambda: len(worker.holder.current) == 1, 5)
+                _sighting(pub)
+                assert await until(lambda: metric(
+                    worker, "bikewatch_webhook_deliveries_total", webhook="police",
+                    result="dead") == 1, 10)
+                dead = await list_deliveries(worker.engine, "dead")
+                assert len(dead) == 1 and dead[0]["last_error"] == "HTTP 503"
+                hook.status = 200
+                engine = await open_database(sqlite_url)
+                assert await requeue_dead(engine, wall_ms(), "police") == 1
+                await engine.dispose()
+                assert await until(lambda: len(hook.delivered()) == 1, 10)
+        finally:
+            pub.close()
