@@ -6,27 +6,33 @@ are the endpoints the core pipeline owes its operators.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Response
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI, Header, HTTPException, Query, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from alerts.stream import AlertStream
 from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.reports import as_csv, as_json, as_table, uptime_for
 from registry.errors import Refused
+from registry.imports import NAME_RE
 from registry.queries import list_deliveries, list_rejects, trajectory
 from registry.tags import BadTag, parse_tag
 
 
 def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: Settings,
-              clock: Clock = wall_ms) -> FastAPI:
+              clock: Clock = wall_ms, stream: AlertStream | None = None,
+              stop: asyncio.Event | None = None) -> FastAPI:
     app = FastAPI(title="bikewatch", version="1")
+    stream = stream or AlertStream(engine)
+    stop = stop or asyncio.Event()
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -52,6 +58,22 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         except BadTag as exc:
             raise HTTPException(400, str(exc)) from None
         return await trajectory(engine, value, since_ms)
+
+    @app.get("/api/v1/alerts/stream", response_model=None)
+    async def alert_stream(
+            zone: Annotated[list[str] | None,
+                            Query(description="only these zones (repeat for several)")] = None,
+            last_event_id: str | None = Header(None, description="resume after this alert"),
+            after: str | None = Query(None, description="resume after this alert_id "
+                                      "(for clients that cannot set Last-Event-ID)"),
+    ) -> StreamingResponse:
+        zones = zone or []
+        bad = [z for z in zones if not NAME_RE.fullmatch(z)]
+        if bad:
+            raise HTTPException(400, f"bad zone {bad[0][:70]!r}")
+        body = stream.events(last_event_id or after, zones, stop, clock())
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
 
     @app.get("/api/v1/deliveries")
     async def deliveries(state: str | None = Query(None, pattern="^(pending|delivered|dead)$"),

@@ -8,7 +8,7 @@
         materialize fold the visit log into `visits` (ingest.visitlog)
         health      station health: silence found, transitions stored, operators told
         maintain    dedupe keys past the window, reject store past 10,000, old open visits
-        http        uvicorn: /metrics and the API
+        http        uvicorn: /metrics, the API, the live alert stream (alerts.stream)
 
 Shutdown is leaving the block: `stop` is set (SIGTERM, Ctrl-C), the consumer
 finishes the group in hand (commit, then ack), the connection closes, and
@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import RaisedAlert
 from alerts.outbox import Outbox
+from alerts.stream import AlertStream
 from alerts.webhook import WebhookSender
 from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
@@ -85,6 +86,7 @@ class Worker:
                 name, result).inc(),
             on_backlog=lambda name, n: self.metrics.webhook_backlog.labels(name).set(n))
         self.pipeline.webhooks = self.webhooks.routes
+        self.stream = AlertStream(engine)
         for hook in settings.webhooks:
             for result in ("delivered", "failed", "dead"):
                 self.metrics.webhook_deliveries.labels(hook.name, result)
@@ -111,7 +113,8 @@ class Worker:
             outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
                             self.metrics.alert_latency.observe)
             outbox.on_published = self.on_alert
-            app = build_app(self.engine, self.metrics_text, self.settings, self.clock)
+            app = build_app(self.engine, self.metrics_text, self.settings, self.clock,
+                            self.stream, self.stop)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
@@ -170,6 +173,7 @@ class Worker:
         outbox.notify(result.alerts)
         if result.alerts:
             self.webhooks.notify()
+            self.stream.notify()
 
     async def _every(self, seconds: float, job: Callable[[], object]) -> None:
         """Run `job` every `seconds` until `stop` is set."""
