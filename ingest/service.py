@@ -2,7 +2,8 @@
 
     Worker.run()  ─ TaskGroup
         consume     inbox -> Pipeline.process (one transaction) -> ack -> outbox
-        refresh     registry version poll -> new stolen snapshot and station directory
+        refresh     registry version poll -> new stolen snapshot and station directory;
+                    a case just opened -> its bike's visits since the theft (alerts.lookback)
         outbox      publish committed alerts, mark them published
         webhooks    one loop per webhook: POST, retry, dead-letter (alerts.webhook)
         materialize fold the visit log into `visits` (ingest.visitlog)
@@ -28,7 +29,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alerts.engine import RaisedAlert
+from alerts.engine import KIND_STOLEN, RaisedAlert
+from alerts.lookback import look_back
 from alerts.outbox import Outbox
 from alerts.stream import AlertStream
 from alerts.webhook import WebhookSender
@@ -90,6 +92,7 @@ class Worker:
         for hook in settings.webhooks:
             for result in ("delivered", "failed", "dead"):
                 self.metrics.webhook_deliveries.labels(hook.name, result)
+        self._outbox: Outbox | None = None
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.on_alert: Callable[[RaisedAlert], None] | None = None
@@ -113,12 +116,13 @@ class Worker:
             outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
                             self.metrics.alert_latency.observe)
             outbox.on_published = self.on_alert
+            self._outbox = outbox
             app = build_app(self.engine, self.metrics_text, self.settings, self.clock,
                             self.stream, self.stop)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
-                consume = tg.create_task(self._consume(inbox, link, outbox), name="consume")
+                consume = tg.create_task(self._consume(inbox, link), name="consume")
                 # These stop by themselves once `stop` is set, between two transactions:
                 # a task cancelled inside one could leave SQLite's write lock taken.
                 others = [
@@ -146,15 +150,15 @@ class Worker:
         """`/metrics`: the registry's families and the stations'."""
         return exposition(self.registry, self.station_metrics)
 
-    async def _consume(self, inbox: Inbox, link: MqttLink, outbox: Outbox) -> None:
+    async def _consume(self, inbox: Inbox, link: MqttLink) -> None:
         while True:
             msgs = await inbox.take(self.settings.group_messages)
             # The group must end committed-and-acked or untouched, never halfway:
             # shield it from cancellation, which then takes effect at the next take().
             self.metrics.inflight.set(len(msgs) + len(inbox))
-            await asyncio.shield(self._group(msgs, link, outbox))
+            await asyncio.shield(self._group(msgs, link))
 
-    async def _group(self, msgs: list[Inbound], link: MqttLink, outbox: Outbox) -> None:
+    async def _group(self, msgs: list[Inbound], link: MqttLink) -> None:
         delay = 0.1
         with self.metrics.group_seconds.time():
             while True:
@@ -170,10 +174,16 @@ class Worker:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
         link.ack(msgs)
-        outbox.notify(result.alerts)
-        if result.alerts:
-            self.webhooks.notify()
-            self.stream.notify()
+        self._deliver(result.alerts)
+
+    def _deliver(self, alerts: list[RaisedAlert]) -> None:
+        """Committed alerts: wake every channel (each also finds them in the table)."""
+        if not alerts:
+            return
+        if self._outbox is not None:
+            self._outbox.notify(alerts)
+        self.webhooks.notify()
+        self.stream.notify()
 
     async def _every(self, seconds: float, job: Callable[[], object]) -> None:
         """Run `job` every `seconds` until `stop` is set."""
@@ -236,8 +246,16 @@ class Worker:
             stored = await load_states(conn, self.health.unknown(directory), self.clock(),
                                        self.health.policy.flap_window_ms)
         self.health.load(directory, stored)
+        opened = set(snapshot.case_ids) - set(self.holder.current.case_ids)
         self.holder.current = snapshot
         self.pipeline.directory = directory
+        if opened:  # late reports: where was the bike seen since the theft?
+            await drain(self.engine)
+            alerts = await look_back(self.engine, opened, directory, self.clock(),
+                                     int(self.settings.late_after_s * 1000),
+                                     self.webhooks.routes)
+            self.metrics.alerts.labels(KIND_STOLEN).inc(len(alerts))
+            self._deliver(alerts)
         self.metrics.stolen_tags.set(len(snapshot))
         self._version = snapshot.version
         log.info("registry version %d: %d stolen tags, %d stations", snapshot.version,

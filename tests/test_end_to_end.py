@@ -18,6 +18,7 @@ from registry.queries import list_rejects, trajectory
 from tests.helpers import (
     INNOCENT,
     STOLEN,
+    Police,
     metric,
     publisher,
     running_worker,
@@ -238,3 +239,41 @@ class TestStationUptime:
                                zone="shangpan") == 1
         finally:
             pub.close()
+
+
+class TestLateReport:
+    async def test_a_theft_reported_late_alerts_at_once_with_the_path_so_far(
+            self, broker: BrokerHandle, db_url: str) -> None:
+        from registry.db import open_database
+
+        settings = settings_for(broker, db_url)
+        await stage_registry(db_url)
+        engine = await open_database(db_url)
+        await recover_theft(engine, "LH-2026-0042", wall_ms())  # start with nothing stolen
+        police = Police(settings, f"{settings.mqtt_root}/alerts/+")
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings) as worker:
+                t0 = wall_ms() - 20 * 60_000  # the ride, twenty minutes ago
+                for station, t in (("SP-0040", t0), ("SP-0042", t0 + 120_000)):
+                    pub.reads(station, np.array([INNOCENT], np.uint64), np.array([t]),
+                              np.array([-55]), t)
+                assert await until(lambda: metric(worker, "bikewatch_reads_total") == 2)
+                # reported after the ride, stolen before it: the alert comes at once
+                await report_theft(engine, INNOCENT, "LH-LATE-1", t0 - 600_000, wall_ms())
+                alerts = await police.wait_for(1, 5)
+                # stolen after the ride: nothing to say yet
+                await report_theft(engine, STOLEN, "LH-LATE-2", wall_ms() - 1000, wall_ms())
+                await asyncio.sleep(1.5)
+            async with running_worker(settings):  # looking again raises nothing twice
+                await asyncio.sleep(1.5)
+        finally:
+            pub.close()
+            police.close()
+            await engine.dispose()
+        assert len(police.alerts) == 1
+        a = alerts[0]
+        assert (a["case_id"], a["station"]["id"], a["update"], a["late"]) == (
+            "LH-LATE-1", "SP-0042", 1, True)
+        assert [v["station"] for v in a["trajectory"]] == ["SP-0040", "SP-0042"]
+        assert a["seen_ms"] == t0 + 120_000 and a["speed_kmh"] is not None
