@@ -25,6 +25,9 @@ from registry.stations import StationInfo
 from registry.tags import format_tag, to_db
 
 KIND_STOLEN = "stolen_sighting"
+KIND_TAMPER = "tamper"                    # a registered bike's tag reports the tamper flag
+KIND_IMPOSSIBLE = "impossible_travel"     # heard at two stations too far apart: a cloned tag
+KINDS = (KIND_STOLEN, KIND_TAMPER, KIND_IMPOSSIBLE)
 
 
 @dataclass(slots=True, frozen=True)
@@ -96,12 +99,17 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
     payload = orjson.dumps(doc)
     await conn.execute(update(Alert).where(Alert.alert_id == alert_id)
                        .values(update_no=counted.updates, payload=payload.decode()))
-    channels = webhooks(station.zone)
+    await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
+    return RaisedAlert(alert_id, station.zone, payload, s.received_ms)
+
+
+async def _queue_deliveries(conn: AsyncConnection, alert_id: str, channels: Sequence[str],
+                            now_ms: int) -> None:
+    """One delivery row per webhook, in the alert's transaction (alerts.webhook)."""
     if channels:
         await conn.execute(insert(Delivery), [
             {"alert_id": alert_id, "channel": name, "created_ms": now_ms, "next_ms": now_ms,
              "attempts": 0, "last_error": ""} for name in channels])
-    return RaisedAlert(alert_id, station.zone, payload, s.received_ms)
 
 
 def _trajectory(visits: Any, s: Sighting, stations: Mapping[str, StationInfo],
@@ -119,3 +127,57 @@ def _trajectory(visits: Any, s: Sighting, stations: Mapping[str, StationInfo],
     if current is not None:  # the contract: the last entry is the current visit
         out.append(current)
     return out
+
+
+@dataclass(slots=True, frozen=True)
+class Flagged:
+    """A registered bike's visit that raises an alert of another kind."""
+
+    kind: str
+    tag: int
+    station: str
+    visit_first_ms: int
+    received_ms: int
+    case_id: str | None = None   # the open case, when the bike is stolen
+    prev: tuple[str, int, int] | None = None  # the visit before: station, first_ms, last_ms
+
+
+async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str, StationInfo],
+                        now_ms: int, late_after_ms: int,
+                        webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
+                        ) -> RaisedAlert | None:
+    """One alert per kind, tag and visit (the alerts' unique key), or None if raised before.
+    `update` is null: these kinds are not counted in a case; `trajectory` is the visit
+    before (impossible_travel) and this one."""
+    station = stations.get(f.station) or StationInfo.unknown(f.station)
+    alert_id = new_ulid(now_ms)
+    current = {"station": f.station, "lat": station.lat, "lon": station.lon,
+               "first_ms": f.visit_first_ms, "last_ms": f.visit_first_ms}
+    trajectory = [current]
+    speed = heading = None
+    if f.prev is not None:
+        before = stations.get(f.prev[0]) or StationInfo.unknown(f.prev[0])
+        trajectory.insert(0, {"station": before.id, "lat": before.lat, "lon": before.lon,
+                              "first_ms": f.prev[1], "last_ms": f.prev[2]})
+        speed, heading = movement((before.lat, before.lon, f.prev[2], before.id),
+                                  (station.lat, station.lon, f.visit_first_ms, f.station))
+    vehicle = (await conn.execute(select(Vehicle.plate, Vehicle.brand, Vehicle.color)
+                                  .where(Vehicle.tag == to_db(f.tag)))).first()
+    payload = orjson.dumps({
+        "v": 1, "alert_id": alert_id, "kind": f.kind, "case_id": f.case_id, "update": None,
+        "tag": format_tag(f.tag),
+        "vehicle": {"plate": vehicle.plate, "brand": vehicle.brand, "color": vehicle.color}
+        if vehicle else None,
+        "station": station.as_alert(), "seen_ms": f.visit_first_ms, "raised_ms": now_ms,
+        "late": now_ms - f.visit_first_ms > late_after_ms, "trajectory": trajectory,
+        "speed_kmh": speed, "heading_deg": heading, "next_stations": []})
+    inserted = await conn.execute(
+        insert_ignore(conn, Alert).values(
+            alert_id=alert_id, kind=f.kind, case_id=f.case_id or "", tag=to_db(f.tag),
+            station=f.station, zone=station.zone, visit_first_ms=f.visit_first_ms,
+            update_no=0, raised_ms=now_ms, received_ms=f.received_ms,
+            payload=payload.decode()).returning(Alert.alert_id))
+    if inserted.first() is None:
+        return None
+    await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
+    return RaisedAlert(alert_id, station.zone, payload, f.received_ms)

@@ -70,6 +70,9 @@ class Settings:
     group_messages: int = 1000        # most messages folded into one transaction
     visit_gap_s: float = 60.0         # a visit ends after this long unheard (section 3)
     late_after_s: float = 300.0       # an alert older than this is `late`
+    # Faster than this between two stations is no ride but a cloned tag (impossible_travel);
+    # well above an e-bike's 25 km/h, so that station clocks a little apart do not trip it.
+    impossible_speed_kmh: float = 120.0
     # Station uptime (ingest.health). A station is down once unheard for its timeout:
     # its own (stations CSV column timeout_s), else its zone's, else this fleet default.
     heartbeat_timeout_s: float = 90.0  # 3 heartbeat intervals of 30 s
@@ -127,7 +130,8 @@ class Settings:
         if not 1 <= self.receive_maximum <= 30_000:  # the inbox holds twice this (ingest.mqtt)
             raise ConfigError("BIKEWATCH_RECEIVE_MAXIMUM",
                               f"{self.receive_maximum} is not in 1..30000")
-        for name in ("group_messages", "visit_gap_s", "late_after_s", "heartbeat_timeout_s",
+        for name in ("group_messages", "visit_gap_s", "late_after_s", "impossible_speed_kmh",
+                     "heartbeat_timeout_s",
                      "flap_transitions", "flap_window_s", "down_repeat_s", "webhook_timeout_s",
                      "webhook_max_age_s"):
             if getattr(self, name) <= 0:

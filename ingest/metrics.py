@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from alerts.engine import KINDS
 from ingest.errors import PAYLOAD_REASONS, READ_REASONS
 from ingest.health import CAUSES, StationHealth
 
@@ -71,7 +72,8 @@ class Metrics:
             self.rejected.labels(reason.value)
         for read_reason in READ_REASONS:
             self.rejected_reads.labels(read_reason.value)
-        self.alerts.labels("stolen_sighting")
+        for kind in KINDS:
+            self.alerts.labels(kind)
 
 
 def _escape(value: str) -> str:

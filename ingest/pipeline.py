@@ -27,8 +27,18 @@ import numpy as np
 from sqlalchemy import case, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from alerts.engine import KIND_STOLEN, RaisedAlert, Sighting, raise_alert
-from ingest.batch import ReadBatch
+from alerts.engine import (
+    KIND_IMPOSSIBLE,
+    KIND_STOLEN,
+    KIND_TAMPER,
+    Flagged,
+    RaisedAlert,
+    Sighting,
+    raise_alert,
+    raise_flagged,
+)
+from alerts.geo import distance_km_array
+from ingest.batch import FLAG_TAMPER, ReadBatch
 from ingest.codec import decode_many
 from ingest.errors import Reason, Rejected
 from ingest.health import StationHealth
@@ -36,14 +46,17 @@ from ingest.metrics import Metrics
 from ingest.visitlog import UPSERT_VISIT, pack, segment_rows, upsert_segments
 from ingest.visits import NO_RSSI, Segments, VisitTracker
 from registry.imports import NAME_RE
-from registry.models import RejectRecord, Station, Visit, VisitLog
+from registry.models import RejectRecord, Station, Vehicle, Visit, VisitLog
 from registry.snapshot import StolenSet, StolenSetHolder
 from registry.sql import executemany, insert_ignore, insert_new_keys
 from registry.stations import StationInfo
+from registry.tags import from_db
 
 log = logging.getLogger(__name__)
 
 REJECT_PAYLOAD_MAX = 64 * 1024
+# Stations closer than this may both hear a bike between them: no impossible travel there.
+IMPOSSIBLE_MIN_KM = 0.5
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,6 +82,7 @@ class GroupResult:
     rejected: dict[str, int] = field(default_factory=dict)
     rejected_reads: dict[str, int] = field(default_factory=dict)
     alerts: list[RaisedAlert] = field(default_factory=list)
+    alert_kinds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -83,7 +97,7 @@ class Pipeline:
     def __init__(self, engine: AsyncEngine, root: str, holder: StolenSetHolder,
                  health: StationHealth, metrics: Metrics, clock: Callable[[], int], *,
                  gap_ms: int = 60_000, late_after_ms: int = 300_000,
-                 dedupe_window: int = 50_000) -> None:
+                 impossible_kmh: float = 120.0, dedupe_window: int = 50_000) -> None:
         self.engine = engine
         self.root = root.split("/")
         self.holder = holder
@@ -97,7 +111,10 @@ class Pipeline:
         # seen_batches table decides. 50,000 keys: a few seconds of a busy town.
         self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._seen_max = dedupe_window
-        self._alerted: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        self._alerted: OrderedDict[tuple[object, ...], None] = OrderedDict()
+        self.impossible_kmh = impossible_kmh
+        self._coords_key: tuple[int, int] | None = None
+        self._coords = (np.empty(0), np.empty(0))
         self._recorded_unknown: set[str] = set()
         # zone -> the webhooks that take its alerts (alerts.webhook)
         self.webhooks: Callable[[str], Sequence[str]] = lambda _zone: ()
@@ -218,6 +235,7 @@ class Pipeline:
         tag = np.concatenate([b.tag for b, _, _ in batches])
         ts = np.concatenate([b.ts_ms for b, _, _ in batches])
         rssi = np.concatenate([b.rssi for b, _, _ in batches])
+        flags = np.concatenate([b.flags for b, _, _ in batches])
         station = np.repeat(np.array([self.tracker.station_index(b.station)
                                       for b, _, _ in batches], dtype=np.int32), lengths)
         received = np.repeat(np.array([r for _, r, _ in batches], dtype=np.int64), lengths)
@@ -234,6 +252,10 @@ class Pipeline:
         key_first = await self._write_visits(conn, segs, stolen)
         await self._alerts(conn, snapshot, read_idx, entry, tag, ts, received, segs, key_first,
                            result)
+        tampered = segs.read_seg[(flags & FLAG_TAMPER) != 0]
+        impossible = self._impossible(segs)
+        if len(tampered) or impossible.any():
+            await self._flagged(conn, segs, tampered, impossible, received, snapshot, result)
 
     async def _write_visits(self, conn: AsyncConnection, segs: Segments,
                             stolen: np.ndarray) -> np.ndarray:
@@ -304,11 +326,87 @@ class Pipeline:
             alert = await raise_alert(conn, Sighting(
                 case_id, int(tag[r]), station, key[2], int(snapshot.stolen_at_ms[e]),
                 int(received[r])), self.directory, now, self.late_after_ms, self.webhooks)
-            self._alerted[key] = None
-            if len(self._alerted) > 100_000:
-                self._alerted.popitem(last=False)
+            self._remember_alerted(key)
             if alert is not None:
                 result.alerts.append(alert)
+                result.alert_kinds[KIND_STOLEN] = result.alert_kinds.get(KIND_STOLEN, 0) + 1
+
+    def _remember_alerted(self, key: tuple[object, ...]) -> None:
+        """Visits alerted already, so repeated reads skip the database (which decides)."""
+        self._alerted[key] = None
+        if len(self._alerted) > 100_000:
+            self._alerted.popitem(last=False)
+
+    def _impossible(self, segs: Segments) -> np.ndarray:
+        """Per segment: reached from the tag's previous station faster than a bike can go
+        (or heard at both at once), at least `IMPOSSIBLE_MIN_KM` apart."""
+        out = np.zeros(len(segs), dtype=np.bool_)
+        moved = np.flatnonzero((segs.prev_station >= 0) & (segs.prev_station != segs.station)
+                               & ~segs.late)
+        if not len(moved):
+            return out
+        lat, lon = self._coordinates()
+        a, b = segs.prev_station[moved], segs.station[moved]
+        km = distance_km_array(lat[a], lon[a], lat[b], lon[b])
+        hours = (segs.first_ms[moved] - segs.prev_last[moved]) / 3_600_000
+        with np.errstate(divide="ignore", invalid="ignore"):
+            too_fast = (hours <= 0) | (km / hours > self.impossible_kmh)
+        out[moved] = (km >= IMPOSSIBLE_MIN_KM) & too_fast  # NaN (no coordinates): False
+        return out
+
+    def _coordinates(self) -> tuple[np.ndarray, np.ndarray]:
+        """lat, lon by the tracker's station index (NaN where unknown), cached until the
+        directory or the station list changes."""
+        names = self.tracker.station_names()
+        key = (id(self.directory), len(names))
+        if self._coords_key != key:
+            nan = float("nan")
+            infos = [self.directory.get(n) for n in names]
+            self._coords = (
+                np.array([i.lat if i and i.lat is not None else nan for i in infos], float),
+                np.array([i.lon if i and i.lon is not None else nan for i in infos], float))
+            self._coords_key = key
+        return self._coords
+
+    async def _flagged(self, conn: AsyncConnection, segs: Segments, tampered: np.ndarray,
+                       impossible: np.ndarray, received: np.ndarray, snapshot: StolenSet,
+                       result: GroupResult) -> None:
+        """tamper and impossible_travel alerts, for registered bikes, once per visit."""
+        kinds: dict[int, list[str]] = {}
+        for i in np.unique(tampered).tolist():
+            kinds.setdefault(i, []).append(KIND_TAMPER)
+        for i in np.flatnonzero(impossible).tolist():
+            kinds.setdefault(i, []).append(KIND_IMPOSSIBLE)
+        tags = segs.tag[list(kinds)]
+        registered = {from_db(t) for t in (await conn.execute(
+            select(Vehicle.tag).where(Vehicle.tag.in_(np.unique(tags).view(np.int64).tolist()))
+        )).scalars()}
+        hit, entry = snapshot.match(tags)
+        cases = dict(zip(hit.tolist(), (snapshot.case_ids[e] for e in entry.tolist()),
+                         strict=True))
+        seg_received = np.full(len(segs), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(seg_received, segs.read_seg, received)
+        now = self.clock()
+        for n, (i, seg_kinds) in enumerate(kinds.items()):
+            tag = int(segs.tag[i])
+            if tag not in registered:
+                continue
+            station = self.tracker.station_name(int(segs.station[i]))
+            for kind in seg_kinds:
+                key = (kind, station, int(segs.first_ms[i]), tag)
+                if key in self._alerted:
+                    continue
+                prev = None
+                if kind == KIND_IMPOSSIBLE:
+                    prev = (self.tracker.station_name(int(segs.prev_station[i])),
+                            int(segs.prev_first[i]), int(segs.prev_last[i]))
+                alert = await raise_flagged(conn, Flagged(
+                    kind, tag, station, key[2], int(seg_received[i]), cases.get(n), prev),
+                    self.directory, now, self.late_after_ms, self.webhooks)
+                self._remember_alerted(key)
+                if alert is not None:
+                    result.alerts.append(alert)
+                    result.alert_kinds[kind] = result.alert_kinds.get(kind, 0) + 1
 
     def _count(self, r: GroupResult) -> None:
         m = self.metrics
@@ -321,7 +419,8 @@ class Pipeline:
             m.rejected.labels(reason).inc(n)
         for reason, n in r.rejected_reads.items():
             m.rejected_reads.labels(reason).inc(n)
-        m.alerts.labels(KIND_STOLEN).inc(len(r.alerts))
+        for kind, n in r.alert_kinds.items():
+            m.alerts.labels(kind).inc(n)
 
 
 def _reject_row(m: Inbound, station: str, reason: Reason, reads: int, detail: str,

@@ -80,7 +80,8 @@ class Worker:
         self.holder = StolenSetHolder()
         self.pipeline = Pipeline(engine, settings.mqtt_root, self.holder, self.health,
                                  self.metrics, clock, gap_ms=int(settings.visit_gap_s * 1000),
-                                 late_after_ms=int(settings.late_after_s * 1000))
+                                 late_after_ms=int(settings.late_after_s * 1000),
+                                 impossible_kmh=settings.impossible_speed_kmh)
         self.webhooks = WebhookSender(
             engine, settings.webhooks, clock, timeout_s=settings.webhook_timeout_s,
             max_age_ms=int(settings.webhook_max_age_s * 1000),

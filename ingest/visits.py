@@ -43,6 +43,12 @@ class Segments:
     opens: Bools
     late: Bools
     read_seg: I64
+    # The tag's visit before this segment (the previous segment of the group, else the
+    # tag's open visit): its station (-1 if none known), start and end. For impossible
+    # travel.
+    prev_station: I32
+    prev_first: I64
+    prev_last: I64
 
     def __len__(self) -> int:
         return len(self.tag)
@@ -113,12 +119,17 @@ class VisitTracker:
         key_first = np.where(cont, open_first, first)
         opens = ~cont & ~late
 
+        prev_station = np.where(tag_first, open_station, np.roll(seg_station, 1))
+        prev_first = np.where(tag_first, open_first, np.roll(key_first, 1))
+        prev_last = np.where(tag_first, open_last, np.roll(last, 1))
+
         # The tag's newest segment becomes its open visit, unless it is late.
         upd = tag_last & ~(tag_first & late)
         self._remember(seg_tag[upd], seg_station[upd], key_first[upd], last[upd])
         return Segments(seg_tag, seg_station.astype(np.int32), key_first.astype(np.int64),
                         last.astype(np.int64), reads.astype(np.int64), best, opens, late,
-                        read_seg)
+                        read_seg, prev_station.astype(np.int32), prev_first.astype(np.int64),
+                        prev_last.astype(np.int64))
 
     def _remember(self, tag: U64, station: I32, first: I64, last: I64) -> None:
         pos = np.searchsorted(self._tag, tag)

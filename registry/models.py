@@ -151,7 +151,7 @@ class Alert(Base):
     __tablename__ = "alerts"
     alert_id: Mapped[str] = mapped_column(String(26), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    case_id: Mapped[str] = mapped_column(String(64), index=True)
+    case_id: Mapped[str] = mapped_column(String(64), index=True)  # "": no case (tamper, ...)
     tag: Mapped[int] = mapped_column(BigInteger)
     station: Mapped[str] = mapped_column(String(64))
     zone: Mapped[str] = mapped_column(String(64))
@@ -162,8 +162,9 @@ class Alert(Base):
     payload: Mapped[str] = mapped_column(Text)
     published_ms: Mapped[int | None] = mapped_column(BigInteger, index=True)
     __table_args__ = (
-        # One alert per visit and kind: a repeated batch cannot raise it twice.
-        UniqueConstraint("case_id", "kind", "station", "visit_first_ms",
+        # One alert per visit, kind and case ("" for the kinds that need none): a
+        # repeated batch, a retried transaction or another worker cannot raise it twice.
+        UniqueConstraint("case_id", "kind", "tag", "station", "visit_first_ms",
                          name="uq_alerts_visit"),
     )
 

@@ -277,3 +277,34 @@ class TestLateReport:
             "LH-LATE-1", "SP-0042", 1, True)
         assert [v["station"] for v in a["trajectory"]] == ["SP-0040", "SP-0042"]
         assert a["seen_ms"] == t0 + 120_000 and a["speed_kmh"] is not None
+
+
+class TestOtherKinds:
+    async def test_tamper_and_impossible_travel(self, broker: BrokerHandle,
+                                               db_url: str) -> None:
+        async with town(broker, db_url, "+") as (settings, worker, police, pub):
+            root = settings.mqtt_root
+            t = wall_ms() - 600_000
+            # tamper: the registered bike, twice in one visit; an unregistered tag
+            for seq, dt in ((1, 0), (2, 5_000)):
+                pub.raw(f"{root}/stations/SP-0040/reads", encode_binary(
+                    3, seq, t + dt, [INNOCENT, 0x77], [0, 0], [-50, -50], [0, 0], [2, 2]))
+            # an ordinary ride from there: 1.5 km in five minutes
+            pub.raw(f"{root}/stations/SP-0042/reads",
+                    encode_json(3, 1, t, [INNOCENT], [t + 300_000], [-52]))
+            # then 1.5 km further in ten seconds: a second tag with the same id
+            pub.raw(f"{root}/stations/SP-0050/reads",
+                    encode_json(3, 1, t, [INNOCENT], [t + 310_000], [-52]))
+            alerts = await police.wait_for(2, 8)
+            await asyncio.sleep(0.5)
+            assert _metric(worker, "bikewatch_alerts_total", kind="tamper") == 1
+            assert _metric(worker, "bikewatch_alerts_total", kind="impossible_travel") == 1
+            assert _metric(worker, "bikewatch_alerts_total", kind="stolen_sighting") == 0
+        by_kind = {a["kind"]: a for a in alerts}
+        assert len(police.alerts) == 2
+        tamper = by_kind["tamper"]
+        assert (tamper["tag"], tamper["station"]["id"], tamper["case_id"], tamper["update"],
+                tamper["vehicle"]["plate"]) == ("00a1b2c4", "SP-0040", None, None, "ZJ-J12346")
+        clone = by_kind["impossible_travel"]
+        assert [v["station"] for v in clone["trajectory"]] == ["SP-0042", "SP-0050"]
+        assert clone["speed_kmh"] > 120 and clone["station"]["zone"] == "xiaozhi"
