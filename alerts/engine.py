@@ -29,6 +29,8 @@ KIND_TAMPER = "tamper"                    # a registered bike's tag reports the 
 KIND_IMPOSSIBLE = "impossible_travel"     # heard at two stations too far apart: a cloned tag
 KINDS = (KIND_STOLEN, KIND_TAMPER, KIND_IMPOSSIBLE)
 
+NextStations = Callable[[str | None, str], list[str]]
+
 
 @dataclass(slots=True, frozen=True)
 class Sighting:
@@ -53,8 +55,10 @@ class RaisedAlert:
 async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str, StationInfo],
                       now_ms: int, late_after_ms: int,
                       webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
+                      forecast: NextStations = lambda _previous, _current: [],
                       ) -> RaisedAlert | None:
     """The new alert for this visit, or None if it was raised before or the case closed.
+    `forecast(previous station, station)` ranks `next_stations` (alerts.forecast).
     `webhooks(zone)` names the webhooks that take the zone's alerts: each gets a delivery
     row in this transaction, so a crash cannot lose it (alerts.webhook sends them)."""
     station = stations.get(s.station) or StationInfo.unknown(s.station)
@@ -94,7 +98,7 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
         "seen_ms": s.visit_first_ms, "raised_ms": now_ms,
         "late": now_ms - s.visit_first_ms > late_after_ms,
         "trajectory": trajectory, "speed_kmh": speed, "heading_deg": heading,
-        "next_stations": [],
+        "next_stations": forecast(prev["station"] if prev else None, s.station),
     }
     payload = orjson.dumps(doc)
     await conn.execute(update(Alert).where(Alert.alert_id == alert_id)

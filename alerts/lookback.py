@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alerts.engine import RaisedAlert, Sighting, raise_alert
+from alerts.engine import NextStations, RaisedAlert, Sighting, raise_alert
 from registry.models import TheftCase, Visit
 from registry.stations import StationInfo
 from registry.tags import from_db
@@ -24,7 +24,8 @@ from registry.tags import from_db
 
 async def look_back(engine: AsyncEngine, case_ids: Collection[str],
                     stations: Mapping[str, StationInfo], now_ms: int, late_after_ms: int,
-                    webhooks: Callable[[str], Sequence[str]]) -> list[RaisedAlert]:
+                    webhooks: Callable[[str], Sequence[str]],
+                    forecast: NextStations) -> list[RaisedAlert]:
     """Alerts for those of `case_ids` that are open, have no alert yet, and whose bike
     was seen since the theft. The visit log must be folded in first (ingest.visitlog)."""
     if not case_ids:
@@ -45,7 +46,7 @@ async def look_back(engine: AsyncEngine, case_ids: Collection[str],
                 continue
             alert = await raise_alert(conn, Sighting(
                 case.case_id, from_db(case.tag), last.station, last.first_ms, case.stolen_ms,
-                now_ms), stations, now_ms, late_after_ms, webhooks)
+                now_ms), stations, now_ms, late_after_ms, webhooks, forecast)
         if alert is not None:
             raised.append(alert)
     return raised

@@ -37,6 +37,7 @@ from alerts.engine import (
     raise_alert,
     raise_flagged,
 )
+from alerts.forecast import EMPTY
 from alerts.geo import distance_km_array
 from ingest.batch import FLAG_TAMPER, ReadBatch
 from ingest.codec import decode_many
@@ -116,6 +117,7 @@ class Pipeline:
         self._coords_key: tuple[int, int] | None = None
         self._coords = (np.empty(0), np.empty(0))
         self._recorded_unknown: set[str] = set()
+        self.forecast = EMPTY  # swapped in by the worker (alerts.forecast)
         # zone -> the webhooks that take its alerts (alerts.webhook)
         self.webhooks: Callable[[str], Sequence[str]] = lambda _zone: ()
 
@@ -325,7 +327,8 @@ class Pipeline:
                 continue
             alert = await raise_alert(conn, Sighting(
                 case_id, int(tag[r]), station, key[2], int(snapshot.stolen_at_ms[e]),
-                int(received[r])), self.directory, now, self.late_after_ms, self.webhooks)
+                int(received[r])), self.directory, now, self.late_after_ms, self.webhooks,
+                self.forecast.next_stations)
             self._remember_alerted(key)
             if alert is not None:
                 result.alerts.append(alert)

@@ -9,6 +9,7 @@
         materialize fold the visit log into `visits` (ingest.visitlog)
         health      station health: silence found, transitions stored, operators told
         maintain    dedupe keys past the window, reject store past 10,000, old open visits
+        forecast    relearn where bikes go next from the stored visits (alerts.forecast)
         http        uvicorn: /metrics, the API, the live alert stream (alerts.stream)
 
 Shutdown is leaving the block: `stop` is set (SIGTERM, Ctrl-C), the consumer
@@ -30,6 +31,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import KIND_STOLEN, RaisedAlert
+from alerts.forecast import REFRESH_S as FORECAST_REFRESH_S
+from alerts.forecast import learn_from_history
 from alerts.lookback import look_back
 from alerts.outbox import Outbox
 from alerts.stream import AlertStream
@@ -101,8 +104,8 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `stop` is set. Raises ConfigError if the broker cannot be reached."""
-        await self._refresh()
         await drain(self.engine)  # what a crashed run committed but did not fold in yet
+        await self._refresh()  # learns the forecast too: the directory is new
         inbox = Inbox(asyncio.get_running_loop(), self.settings.receive_maximum,
                       self.metrics.intake_waits.inc)
         link = MqttLink(self.settings, inbox, self.clock)
@@ -131,6 +134,8 @@ class Worker:
                     tg.create_task(outbox.run(self.stop), name="outbox"),
                     tg.create_task(self.webhooks.run(self.stop), name="webhooks"),
                     tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
+                    tg.create_task(self._every(FORECAST_REFRESH_S, self._learn),
+                                   name="forecast"),
                     tg.create_task(self._every(MATERIALIZE_S, self._materialize),
                                    name="materialize"),
                     tg.create_task(self._every(HEALTH_S, lambda: self._health(link)),
@@ -231,6 +236,12 @@ class Worker:
                             len(events) - start, failed[0])
                 return
 
+    async def _learn(self) -> None:
+        """Relearn where bikes go next from the stored visits (alerts.forecast)."""
+        async with self.engine.connect() as conn:
+            directory = await load_directory(conn)
+        self.pipeline.forecast = await learn_from_history(self.engine, directory, self.clock())
+
     async def _materialize(self) -> None:
         # One bounded transaction after another; the hot path gets the lock in between.
         while await materialize(self.engine):
@@ -248,13 +259,18 @@ class Worker:
                                        self.health.policy.flap_window_ms)
         self.health.load(directory, stored)
         opened = set(snapshot.case_ids) - set(self.holder.current.case_ids)
+        moved = directory.keys() != self.pipeline.directory.keys() or any(
+            directory[s] != self.pipeline.directory[s] for s in directory)
         self.holder.current = snapshot
         self.pipeline.directory = directory
+        if moved:  # stations added, moved or removed: the forecast's map with them
+            self.pipeline.forecast = await learn_from_history(self.engine, directory,
+                                                              self.clock())
         if opened:  # late reports: where was the bike seen since the theft?
             await drain(self.engine)
             alerts = await look_back(self.engine, opened, directory, self.clock(),
                                      int(self.settings.late_after_s * 1000),
-                                     self.webhooks.routes)
+                                     self.webhooks.routes, self.pipeline.forecast.next_stations)
             self.metrics.alerts.labels(KIND_STOLEN).inc(len(alerts))
             self._deliver(alerts)
         self.metrics.stolen_tags.set(len(snapshot))

@@ -30,6 +30,7 @@ from ingest.codec import HEADER, RECORD, decode, decode_many, encode_binary, enc
 from ingest.config import Settings
 from registry.snapshot import StolenSet
 from registry.tags import format_tag
+from simulator.bench_forecast import bench_forecast
 from simulator.bench_health import bench_health
 from simulator.loadgen import LoadGen
 
@@ -307,6 +308,7 @@ async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.
     bench_matching(args.quick)
     bench_decode()
     bench_health(args.quick)
+    bench_forecast(args.quick)
     if not args.skip_e2e:
         await bench_e2e(args.seconds, args.soak, args.db_url)
     return 0

@@ -48,7 +48,7 @@ class Town:
         self.tags = (np.uint64(0x00A10000) + self.rng.permutation(self.bikes * 4)[:self.bikes]
                      .astype(np.uint64))
         self.a = self.rng.integers(0, n_nodes, self.bikes)
-        self.b = np.array([self._next(int(x), -1) for x in self.a])
+        self.b = np.array([self.next_node(int(x), -1) for x in self.a])
         self.pos_m = self.rng.uniform(0, self.spacing_m, self.bikes)
         self.speed = self.rng.uniform(12, 25, self.bikes) / 3.6
 
@@ -65,7 +65,8 @@ class Town:
             out.append(node + 1)
         return out
 
-    def _next(self, node: int, came_from: int) -> int:
+    def next_node(self, node: int, came_from: int) -> int:
+        """Where a bike at `node` turns next: any street but the one it came by."""
         choices = [n for n in self._neighbours(node) if n != came_from] or self._neighbours(node)
         return int(choices[int(self.rng.integers(0, len(choices)))])
 
@@ -102,7 +103,7 @@ class Town:
         for i in done.tolist():  # bikes reaching a crossing: a few per tick
             self.pos_m[i] -= self.spacing_m
             prev, self.a[i] = self.a[i], self.b[i]
-            self.b[i] = self._next(int(self.a[i]), int(prev))
+            self.b[i] = self.next_node(int(self.a[i]), int(prev))
         out: dict[str, Reads] = {}
         for node_of, dist in ((self.a, self.pos_m), (self.b, self.spacing_m - self.pos_m)):
             near = (dist < self.range_m) & (self.rng.random(self.bikes) < self.p_read)

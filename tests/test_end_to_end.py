@@ -60,7 +60,9 @@ class TestStolenSighting:
                                         "lat": 28.72, "lon": 121.54, "zone": "shangpan"}
             assert first["seen_ms"] == t0 and first["late"] is False
             assert first["speed_kmh"] is None and first["heading_deg"] is None
-            assert first["next_stations"] == []
+            # no history yet: the nearest stations, then the nearest ahead of the bike
+            assert first["next_stations"] == ["SP-0042", "SP-0050"]
+            assert second["next_stations"] == ["SP-0050"]
             assert second["update"] == 2
             traj = second["trajectory"]
             assert [v["station"] for v in traj] == ["SP-0040", "SP-0042"]  # type: ignore[index, union-attr]

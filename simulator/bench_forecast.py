@@ -1,0 +1,91 @@
+"""How well `next_stations` predicts, on a simulated town of commuters.
+
+Bikes ride between a home and a work crossing of an 8x8 street grid, along one
+of the two L-shaped routes (each bike keeps its habit), with a random detour at
+15% of crossings. The first 70% of every bike's trips are the history the
+forecast learns from; on the rest, for every (previous, current, next)
+station of a ride, the figure is how often the station reached next is the
+first of `next_stations`, or among the first three. Beside it, in the same
+run, the two baselines: the nearest stations, and the nearest stations ahead
+of the bike (the forecast's own fallback, with no history).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alerts.forecast import Forecast
+from registry.stations import StationInfo
+from simulator.town import Town
+
+TRIPS = 10
+TRAIN_SHARE = 0.7
+DETOUR = 0.15
+
+
+def _ride(town: Town, a: int, b: int, rows_first: bool, rng: np.random.Generator) -> list[int]:
+    path, cur, came = [a], a, -1
+    while cur != b and len(path) < 4 * (town.rows + town.cols):
+        r, c = divmod(cur, town.cols)
+        rb, cb = divmod(b, town.cols)
+        if rng.random() < DETOUR:
+            nxt = town.next_node(cur, came)
+        elif (rows_first and r != rb) or c == cb:
+            nxt = cur + town.cols * (1 if rb > r else -1)
+        else:
+            nxt = cur + (1 if cb > c else -1)
+        path.append(nxt)
+        came, cur = cur, nxt
+    return path
+
+
+def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
+    """top-1 and top-3 hit rates of the forecast and the two baselines."""
+    town = Town(seed=seed, rows=8, cols=8, bikes=1)
+    rng = np.random.default_rng(seed)
+    n = town.rows * town.cols
+    names = tuple(town.station_ids)
+    directory = {sid: StationInfo(sid, sid, *town.latlon(i), town.zone(i), True)
+                 for i, sid in enumerate(names)}
+    train: list[tuple[int, int, int, int]] = []  # tag, station, first_ms, last_ms
+    test: list[list[int]] = []
+    for bike in range(bikes):
+        home, work = rng.choice(n, 2, replace=False)
+        rows_first = bool(rng.random() < 0.5)
+        t = 0
+        for trip in range(TRIPS):
+            a, b = (home, work) if trip % 2 == 0 else (work, home)
+            path = _ride(town, int(a), int(b), rows_first, rng)
+            if trip < TRIPS * TRAIN_SHARE:
+                for node in path:
+                    train.append((bike, node, t, t + 20_000))
+                    t += 80_000  # 400 m at 18 km/h
+            else:
+                test.append(path)
+            t += 8 * 3_600_000  # the next trip is hours later
+    tag, station, first, last = (np.array(c, np.int64) for c in zip(*train, strict=True))
+    learned = Forecast.learn(tag, station, first, last, names, directory)
+    empty = np.empty(0, np.int64)
+    geometry = Forecast.learn(empty, empty, empty, empty, names, directory)
+    hits = {"forecast": [0, 0], "nearest ahead": [0, 0], "nearest": [0, 0]}
+    total = 0
+    for path in test:
+        for prev, cur, nxt in zip(path, path[1:], path[2:], strict=False):
+            total += 1
+            want = names[nxt]
+            for name, ranked in (
+                    ("forecast", learned.next_stations(names[prev], names[cur])),
+                    ("nearest ahead", geometry.next_stations(names[prev], names[cur])),
+                    ("nearest", [names[i] for i in geometry.nearest(None, cur)])):
+                hits[name][0] += ranked[:1] == [want]
+                hits[name][1] += want in ranked[:3]
+    return {name: (h1 / total, h3 / total) for name, (h1, h3) in hits.items()}
+
+
+def bench_forecast(quick: bool) -> None:
+    bikes = 300 if quick else 3_000
+    print(f"\n== next_stations on a simulated town: {bikes:,} commuters, 8x8 crossings, "
+          f"{DETOUR:.0%} detours; learned on {TRAIN_SHARE:.0%} of the trips ==")
+    print(f"{'ranking':>14} {'top-1':>7} {'top-3':>7}")
+    for name, (top1, top3) in evaluate(bikes).items():
+        print(f"{name:>14} {top1:>7.1%} {top3:>7.1%}")
