@@ -14,10 +14,12 @@ from ingest.clock import wall_ms
 from ingest.codec import encode_binary, encode_json
 from ingest.service import Worker
 from registry.cases import recover_theft, report_theft
+from registry.imports import import_stations, import_vehicles
 from registry.queries import list_rejects, trajectory
 from tests.helpers import (
     INNOCENT,
     STOLEN,
+    VEHICLES,
     Police,
     metric,
     publisher,
@@ -310,3 +312,40 @@ class TestOtherKinds:
         clone = by_kind["impossible_travel"]
         assert [v["station"] for v in clone["trajectory"]] == ["SP-0042", "SP-0050"]
         assert clone["speed_kmh"] > 120 and clone["station"]["zone"] == "xiaozhi"
+
+
+class TestRide:
+    async def test_a_theft_across_five_stations_gives_five_growing_alerts_in_order(
+            self, broker: BrokerHandle, sqlite_url: str) -> None:
+        from registry.db import open_database
+
+        settings = settings_for(broker, sqlite_url)
+        engine = await open_database(sqlite_url)
+        road = "".join(f"R-{i},Road {i},28.70,{121.500 + 0.005 * i:.3f},river\n" for i in range(5))
+        await import_stations(engine, "id,name,lat,lon,zone\n" + road, wall_ms())
+        await import_vehicles(engine, VEHICLES)
+        t0 = wall_ms() - 30 * 60_000
+        await report_theft(engine, STOLEN, "LH-RIDE", t0 - 60_000, wall_ms())
+        await engine.dispose()
+        police = Police(settings, f"{settings.mqtt_root}/alerts/river")
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings):
+                for i in range(5):  # 488 m a station, two minutes apart
+                    t = t0 + i * 120_000
+                    pub.reads(f"R-{i}", np.array([STOLEN] * 3, np.uint64),
+                              np.array([t, t + 5_000, t + 10_000]), np.array([-60, -50, -55]), t)
+                    await police.wait_for(i + 1, 5)
+                await asyncio.sleep(0.5)
+        finally:
+            pub.close()
+            police.close()
+        alerts = police.alerts
+        assert [a["update"] for a in alerts] == [1, 2, 3, 4, 5]
+        assert [a["station"]["id"] for a in alerts] == [f"R-{i}" for i in range(5)]
+        for n, a in enumerate(alerts, 1):
+            assert [v["station"] for v in a["trajectory"]] == [f"R-{i}" for i in range(n)]
+        # 488 m from one visit's last read to the next one's first, 110 s: 16.0 km/h, east
+        assert all(a["speed_kmh"] == pytest.approx(16.0, abs=0.1) and 85 < a["heading_deg"] < 95
+                   for a in alerts[1:])
+        assert alerts[2]["next_stations"][0] == "R-3"  # ahead, eastward

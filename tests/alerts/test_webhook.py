@@ -8,11 +8,16 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +50,7 @@ class Receiver:
     def __init__(self) -> None:
         self.status = 200
         self.hang_s = 0.0
+        self.fail_first = 0  # answer 500 to this many requests first
         self.requests: list[tuple[dict[str, str], bytes, int]] = []
         receiver = self
 
@@ -54,6 +60,9 @@ class Receiver:
                 if receiver.hang_s:
                     time.sleep(receiver.hang_s)
                 status = receiver.status
+                if receiver.fail_first > 0:
+                    receiver.fail_first -= 1
+                    status = 500
                 receiver.requests.append((dict(self.headers), body, status))
                 self.send_response(status)
                 self.send_header("content-length", "0")
@@ -85,6 +94,11 @@ def receivers() -> Iterator[tuple[Receiver, Receiver]]:
 def _hooks(*entries: tuple[str, Receiver, list[str]]) -> str:
     return json.dumps([{"name": name, "url": r.url, "secrets": [SECRET_NEW, SECRET_OLD],
                         "zones": zones} for name, r, zones in entries])
+
+
+def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _sighting(pub: object, station: str = "SP-0040") -> None:
@@ -232,3 +246,58 @@ class TestDelivery:
                 assert await until(lambda: len(hook.delivered()) == 1, 10)
         finally:
             pub.close()
+
+    async def test_three_failures_then_exactly_once_and_verified(
+            self, broker: BrokerHandle, sqlite_url: str,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        hook, _ = receivers
+        hook.fail_first = 3
+        settings = settings_for(broker, sqlite_url,
+                                BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"])))
+        await stage_registry(sqlite_url)
+        pub = publisher(settings)
+        try:
+            async with running_worker(settings) as worker:
+                await until(lambda: len(worker.holder.current) == 1, 5)
+                _sighting(pub)
+                assert await until(lambda: len(hook.delivered()) == 1, 15)  # ~1+2+4 s
+                await asyncio.sleep(1)
+        finally:
+            pub.close()
+        assert [status for _, _, status in hook.requests] == [500, 500, 500, 200]
+        headers, body = hook.delivered()[0]
+        assert Webhook(SECRET_NEW).verify(body, headers)["kind"] == "stolen_sighting"
+        assert len({h["webhook-id"] for h, _, _ in hook.requests}) == 1
+
+    async def test_killed_between_raising_and_delivering_delivers_once_after(
+            self, broker: BrokerHandle, tmp_path: Path,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        """SIGKILL while the alert waits for its receiver; the next start delivers it."""
+        hook, _ = receivers
+        hook.status = 503
+        url = f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"
+        settings = settings_for(broker, url, BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"])))
+        await stage_registry(url)
+        env = os.environ | {f"BIKEWATCH_{k.upper()}": str(v) for k, v in (
+            ("mqtt_url", settings.mqtt_url), ("db_url", url), ("http", settings.http),
+            ("mqtt_root", settings.mqtt_root), ("client_id", settings.client_id),
+            ("share_group", settings.share_group), ("mqtt_protocol", settings.mqtt_protocol))}
+        env["BIKEWATCH_WEBHOOKS"] = _hooks(("police", hook, ["*"]))
+        worker = _serve(env)
+        pub = publisher(settings)
+        try:
+            await asyncio.sleep(3)  # connected and subscribed
+            _sighting(pub)
+            assert await until(lambda: len(hook.requests) >= 1, 10)  # raised, not delivered
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+            hook.status = 200
+            worker = _serve(env)
+            assert await until(lambda: len(hook.delivered()) == 1, 15)
+            await asyncio.sleep(1.5)
+        finally:
+            pub.close()
+            worker.terminate()
+            worker.wait(15)
+        assert len(hook.delivered()) == 1
+        assert len({h["webhook-id"] for h, _, _ in hook.requests}) == 1
