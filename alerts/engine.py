@@ -50,6 +50,7 @@ class RaisedAlert:
     zone: str
     payload: bytes
     received_ms: int
+    kind: str = KIND_STOLEN
 
 
 async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str, StationInfo],
@@ -184,4 +185,4 @@ async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str
     if inserted.first() is None:
         return None
     await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
-    return RaisedAlert(alert_id, station.zone, payload, f.received_ms)
+    return RaisedAlert(alert_id, station.zone, payload, f.received_ms, f.kind)

@@ -27,13 +27,15 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 class Outbox:
     def __init__(self, engine: AsyncEngine, root: str, publish: Publish,
                  clock: Callable[[], int], observe_latency: Callable[[float], None],
-                 sweep_s: float = 5.0) -> None:
+                 sweep_s: float = 5.0,
+                 on_result: Callable[[str, str], None] = lambda _kind, _outcome: None) -> None:
         self.engine = engine
         self.root = root
         self.publish = publish
         self.clock = clock
         self.observe_latency = observe_latency
         self.sweep_s = sweep_s
+        self.on_result = on_result  # (kind, delivered | failed)
         self._queue: asyncio.Queue[RaisedAlert] = asyncio.Queue(maxsize=10_000)
         self.on_published: Callable[[RaisedAlert], None] | None = None
         self._last_sweep_ms = 0
@@ -62,7 +64,9 @@ class Outbox:
             await self.publish(f"{self.root}/alerts/{alert.zone}", alert.payload)
         except (TimeoutError, ConnectionError) as exc:
             log.warning("alert %s not published yet (%s); will retry", alert.alert_id, exc)
+            self.on_result(alert.kind, "failed")
             return False
+        self.on_result(alert.kind, "delivered")
         now = self.clock()
         self.observe_latency(max(0.0, (now - alert.received_ms) / 1000))
         if self.on_published is not None:
@@ -80,11 +84,11 @@ class Outbox:
         cutoff = self._last_sweep_ms - int(older_than_s * 1000)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(
-                select(Alert.alert_id, Alert.zone, Alert.payload, Alert.received_ms)
+                select(Alert.alert_id, Alert.zone, Alert.payload, Alert.received_ms, Alert.kind)
                 .where(Alert.published_ms.is_(None), Alert.raised_ms <= cutoff,
                        Alert.payload != "")
                 .order_by(Alert.raised_ms).limit(500))).all()
         for r in rows:
             if not await self._deliver(RaisedAlert(r.alert_id, r.zone, r.payload.encode(),
-                                                   r.received_ms)):
+                                                   r.received_ms, r.kind)):
                 return

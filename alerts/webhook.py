@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
@@ -59,6 +59,7 @@ def retry_delay_ms(attempts: int, rng: random.Random) -> int:
 class _Due:
     id: int
     alert_id: str
+    kind: str
     attempts: int
     created_ms: int
     payload: str
@@ -68,15 +69,13 @@ class WebhookSender:
     def __init__(self, engine: AsyncEngine, receivers: Sequence[WebhookReceiver],
                  clock: Callable[[], int], *, timeout_s: float = 10.0,
                  max_age_ms: int = 72 * 3_600_000,
-                 on_result: Callable[[str, str], None] = lambda _name, _result: None,
-                 on_backlog: Callable[[str, int], None] = lambda _name, _n: None) -> None:
+                 on_result: Callable[[str, str, str], None] = lambda _n, _k, _o: None) -> None:
         self.engine = engine
         self.receivers = tuple(receivers)
         self.clock = clock
         self.timeout_s = timeout_s
         self.max_age_ms = max_age_ms
-        self.on_result = on_result      # (webhook, delivered | failed | dead)
-        self.on_backlog = on_backlog    # (webhook, pending rows)
+        self.on_result = on_result      # (webhook, kind, delivered | failed | dead)
         self._wake = {r.name: asyncio.Event() for r in self.receivers}
         self._rng = random.Random()
 
@@ -123,19 +122,16 @@ class WebhookSender:
                     await asyncio.wait_for(_first(wake, stop), POLL_S)
 
     async def _due(self, name: str) -> list[_Due]:
-        pending = (Delivery.channel == name, Delivery.delivered_ms.is_(None),
-                   Delivery.dead_ms.is_(None))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(
-                select(Delivery.id, Delivery.alert_id, Delivery.attempts, Delivery.created_ms,
-                       Alert.payload)
+                select(Delivery.id, Delivery.alert_id, Alert.kind, Delivery.attempts,
+                       Delivery.created_ms, Alert.payload)
                 .join(Alert, Alert.alert_id == Delivery.alert_id)
-                .where(*pending, Delivery.next_ms <= self.clock())
+                .where(Delivery.channel == name, Delivery.delivered_ms.is_(None),
+                       Delivery.dead_ms.is_(None), Delivery.next_ms <= self.clock())
                 .order_by(Delivery.next_ms, Delivery.id).limit(BATCH))).all()
-            backlog = (await conn.execute(select(func.count()).select_from(Delivery)
-                                          .where(*pending))).scalar_one()
-        self.on_backlog(name, int(backlog))
-        return [_Due(r.id, r.alert_id, r.attempts, r.created_ms, r.payload) for r in rows]
+        return [_Due(r.id, r.alert_id, r.kind, r.attempts, r.created_ms, r.payload)
+                for r in rows]
 
     async def _post(self, r: WebhookReceiver, http: httpx.AsyncClient, row: _Due) -> str | None:
         """None when delivered, else what went wrong."""
@@ -168,7 +164,7 @@ class WebhookSender:
             result = "failed"
         async with self.engine.begin() as conn:
             await conn.execute(update(Delivery).where(Delivery.id == row.id).values(**values))
-        self.on_result(name, result)
+        self.on_result(name, row.kind, result)
 
 
 async def _first(wake: asyncio.Event, stop: asyncio.Event) -> None:

@@ -58,13 +58,17 @@ class Metrics:
                                   registry=registry)
         self.stolen_tags = Gauge("bikewatch_stolen_tags", "Open cases in the hot-path snapshot",
                                  registry=registry)
-        self.webhook_deliveries = Counter(
-            "bikewatch_webhook_deliveries", "Webhook attempts by result: delivered, failed "
-            "(retried later), dead (retried for webhook_max_age_s, then dead-lettered)",
-            ["webhook", "result"], registry=registry)
-        self.webhook_backlog = Gauge("bikewatch_webhook_backlog",
-                                     "Alerts waiting for delivery to a webhook", ["webhook"],
-                                     registry=registry)
+        self.alert_deliveries = Counter(
+            "bikewatch_alert_deliveries", "Delivery attempts by alert kind, channel (mqtt, "
+            "webhook/NAME) and outcome: delivered, failed (retried later), dead (retried for "
+            "webhook_max_age_s, then dead-lettered)", ["kind", "channel", "outcome"],
+            registry=registry)
+        self.outbox_depth = Gauge("bikewatch_outbox_depth",
+                                  "Alerts not yet delivered, by channel", ["channel"],
+                                  registry=registry)
+        self.outbox_oldest = Gauge("bikewatch_outbox_oldest_seconds",
+                                   "Age of the oldest alert not yet delivered, by channel "
+                                   "(0 when none)", ["channel"], registry=registry)
         self.station_transitions = Counter(
             "bikewatch_station_transitions", "Station up/down changes stored, by zone and the "
             "state changed to", ["zone", "to"], registry=registry)

@@ -30,7 +30,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alerts.engine import KIND_STOLEN, RaisedAlert
+from alerts.engine import KIND_STOLEN, KINDS, RaisedAlert
 from alerts.forecast import REFRESH_S as FORECAST_REFRESH_S
 from alerts.forecast import learn_from_history
 from alerts.lookback import look_back
@@ -49,6 +49,7 @@ from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain, materialize
 from registry.db import open_database
 from registry.models import RejectRecord, SeenBatch
+from registry.queries import outbox_backlog
 from registry.snapshot import StolenSetHolder, load_stolen_set, registry_version
 from registry.stations import StationInfo, load_directory
 
@@ -64,6 +65,7 @@ MATERIALIZE_S = 2.0
 # bikewatch_station_up may be (plus ingest.health.GRACE_MS), and what a crash loses
 # of last-heard times.
 HEALTH_S = 1.0
+OUTBOX_GAUGES_S = 5.0
 HEALTH_EVENTS_IN_FLIGHT = 200  # well under the client's 1,000 in-flight publishes
 REJECTS_KEPT = 10_000
 CONNECT_TIMEOUT_S = 10.0
@@ -88,14 +90,17 @@ class Worker:
         self.webhooks = WebhookSender(
             engine, settings.webhooks, clock, timeout_s=settings.webhook_timeout_s,
             max_age_ms=int(settings.webhook_max_age_s * 1000),
-            on_result=lambda name, result: self.metrics.webhook_deliveries.labels(
-                name, result).inc(),
-            on_backlog=lambda name, n: self.metrics.webhook_backlog.labels(name).set(n))
+            on_result=lambda name, kind, outcome: self.metrics.alert_deliveries.labels(
+                kind, f"webhook/{name}", outcome).inc())
         self.pipeline.webhooks = self.webhooks.routes
         self.stream = AlertStream(engine)
-        for hook in settings.webhooks:
-            for result in ("delivered", "failed", "dead"):
-                self.metrics.webhook_deliveries.labels(hook.name, result)
+        self._channels = ["mqtt", *(f"webhook/{w.name}" for w in settings.webhooks)]
+        for channel in self._channels:
+            self.metrics.outbox_depth.labels(channel)
+            self.metrics.outbox_oldest.labels(channel)
+            for kind in KINDS:
+                for outcome in ("delivered", "failed", "dead")[:2 if channel == "mqtt" else 3]:
+                    self.metrics.alert_deliveries.labels(kind, channel, outcome)
         self._outbox: Outbox | None = None
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -118,7 +123,9 @@ class Worker:
                 raise ConfigError("BIKEWATCH_MQTT_URL",
                                   f"cannot connect to {ep.host}:{ep.port} ({why})")
             outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
-                            self.metrics.alert_latency.observe)
+                            self.metrics.alert_latency.observe,
+                            on_result=lambda kind, outcome: self.metrics.alert_deliveries.labels(
+                                kind, "mqtt", outcome).inc())
             outbox.on_published = self.on_alert
             self._outbox = outbox
             app = build_app(self.engine, self.metrics_text, self.settings, self.clock,
@@ -136,6 +143,8 @@ class Worker:
                     tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
                     tg.create_task(self._every(FORECAST_REFRESH_S, self._learn),
                                    name="forecast"),
+                    tg.create_task(self._every(OUTBOX_GAUGES_S, self._outbox_gauges),
+                                   name="outbox-gauges"),
                     tg.create_task(self._every(MATERIALIZE_S, self._materialize),
                                    name="materialize"),
                     tg.create_task(self._every(HEALTH_S, lambda: self._health(link)),
@@ -235,6 +244,16 @@ class Worker:
                 log.warning("%d of %d health events not published: %s", len(failed),
                             len(events) - start, failed[0])
                 return
+
+    async def _outbox_gauges(self) -> None:
+        """Depth and oldest age of what waits for each channel (alerts.outbox, .webhook)."""
+        depth, oldest = await outbox_backlog(self.engine)
+        now = self.clock()
+        for channel in self._channels:
+            self.metrics.outbox_depth.labels(channel).set(depth.get(channel, 0))
+            first = oldest.get(channel)
+            self.metrics.outbox_oldest.labels(channel).set(
+                0 if first is None else max(0, now - first) / 1000)
 
     async def _learn(self) -> None:
         """Relearn where bikes go next from the stored visits (alerts.forecast)."""

@@ -51,6 +51,22 @@ async def trajectory(engine: AsyncEngine, tag: int, since_ms: int = 0,
 DELIVERY_STATES = ("pending", "delivered", "dead")
 
 
+async def outbox_backlog(engine: AsyncEngine) -> tuple[dict[str, int], dict[str, int]]:
+    """Per channel (`mqtt`, `webhook/NAME`): alerts not yet delivered, and the oldest one's
+    raise (or creation) time."""
+    async with engine.connect() as conn:
+        mqtt = (await conn.execute(select(func.count(), func.min(Alert.raised_ms))
+                                   .where(Alert.published_ms.is_(None)))).one()
+        hooks = (await conn.execute(
+            select(Delivery.channel, func.count(), func.min(Delivery.created_ms))
+            .where(Delivery.delivered_ms.is_(None), Delivery.dead_ms.is_(None))
+            .group_by(Delivery.channel))).all()
+    depth = {"mqtt": int(mqtt[0])} | {f"webhook/{c}": int(n) for c, n, _ in hooks}
+    oldest = {"mqtt": mqtt[1]} if mqtt[1] is not None else {}
+    oldest |= {f"webhook/{c}": int(t) for c, _, t in hooks}
+    return depth, oldest
+
+
 async def list_deliveries(engine: AsyncEngine, state: str | None = None,
                           webhook: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Webhook deliveries, newest alert first."""

@@ -156,8 +156,9 @@ class TestDelivery:
                 await until(lambda: len(worker.holder.current) == 1, 5)
                 _sighting(pub)
                 assert await until(lambda: len(sp.delivered()) == 1)
-                await until(lambda: metric(worker, "bikewatch_webhook_deliveries_total",
-                                           webhook="police-sp", result="delivered") == 1)
+                await until(lambda: metric(worker, "bikewatch_alert_deliveries_total",
+                                           kind="stolen_sighting", channel="webhook/police-sp",
+                                           outcome="delivered") == 1)
                 rows = await list_deliveries(worker.engine)
         finally:
             pub.close()
@@ -189,10 +190,11 @@ class TestDelivery:
                 assert await until(lambda: len(down.requests) >= 2, 6)  # retried
                 down.status, down.hang_s = 200, 0.0
                 assert await until(lambda: len(down.delivered()) == 1, 10)
-                await until(lambda: metric(worker, "bikewatch_webhook_backlog",
-                                           webhook="down") == 0, 3)
-                assert (metric(worker, "bikewatch_webhook_deliveries_total", webhook="down",
-                               result="failed") or 0) >= 2
+                assert await until(lambda: metric(worker, "bikewatch_outbox_depth",
+                                                  channel="webhook/down") == 0, 7)
+                assert (metric(worker, "bikewatch_alert_deliveries_total",
+                               kind="stolen_sighting", channel="webhook/down",
+                               outcome="failed") or 0) >= 2
         finally:
             pub.close()
         ids = {h["webhook-id"] for h, _, _ in down.requests}
@@ -235,8 +237,8 @@ class TestDelivery:
                 await until(lambda: len(worker.holder.current) == 1, 5)
                 _sighting(pub)
                 assert await until(lambda: metric(
-                    worker, "bikewatch_webhook_deliveries_total", webhook="police",
-                    result="dead") == 1, 10)
+                    worker, "bikewatch_alert_deliveries_total", kind="stolen_sighting",
+                    channel="webhook/police", outcome="dead") == 1, 10)
                 dead = await list_deliveries(worker.engine, "dead")
                 assert len(dead) == 1 and dead[0]["last_error"] == "HTTP 503"
                 hook.status = 200
