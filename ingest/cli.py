@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--stolen-at", metavar="ISO8601")
     recover = theft.add_parser("recover", help="take a case off the stolen list")
     recover.add_argument("--case", required=True, metavar="ID")
+    ack = theft.add_parser("ack", help="a patrol takes a case on (it keeps raising alerts)")
+    ack.add_argument("--case", required=True, metavar="ID")
+    for p_ in (report, recover, ack):
+        p_.add_argument("--by", default="cli", metavar="NAME",
+                        help="who makes the change, recorded with it (default: cli)")
+    for p_ in (recover, ack):
+        p_.add_argument("--note", default="", help="recorded with the change")
 
     traj = sub.add_parser("trajectory", help="a tag's station visits")
     traj.add_argument("--tag", required=True, metavar="HEX")
@@ -159,19 +166,25 @@ async def _import(settings: Settings, kind: str, path: str) -> int:
 
 
 async def _theft(settings: Settings, args: argparse.Namespace) -> int:
-    from registry.cases import recover_theft, report_theft
+    from registry.cases import acknowledge_case, recover_theft, report_theft
 
     now = wall_ms()
+    if not 0 < len(args.by) <= 100:
+        raise UsageError("--by: 1 to 100 characters")
     if args.action == "report":
         tag = _tag(args.tag)
         stolen = parse_time(args.stolen_at, settings, "--stolen-at") if args.stolen_at else now
 
         async def job(engine: Any) -> int:
-            print((await report_theft(engine, tag, args.case, stolen, now)).message)
+            print((await report_theft(engine, tag, args.case, stolen, now, args.by)).message)
+            return EXIT_OK
+    elif args.action == "ack":
+        async def job(engine: Any) -> int:
+            print((await acknowledge_case(engine, args.case, args.by, now, args.note)).message)
             return EXIT_OK
     else:
         async def job(engine: Any) -> int:
-            print((await recover_theft(engine, args.case, now)).message)
+            print((await recover_theft(engine, args.case, now, args.by, args.note)).message)
             return EXIT_OK
 
     return await _with_db(settings, job)

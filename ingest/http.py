@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Header, HTTPException, Query, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.stream import AlertStream
@@ -21,9 +22,10 @@ from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.reports import as_csv, as_json, as_table, uptime_for
+from registry.cases import acknowledge_alert, acknowledge_case, recover_theft
 from registry.errors import Refused
 from registry.imports import NAME_RE
-from registry.queries import list_deliveries, list_rejects, trajectory
+from registry.queries import case_detail, list_cases, list_deliveries, list_rejects, trajectory
 from registry.tags import BadTag, parse_tag
 
 
@@ -75,6 +77,39 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
+    @app.get("/api/v1/cases")
+    async def cases(status: str = Query("open", pattern="^(open|recovered|all)$"),
+                    limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+        """Cases with their latest alert, newest report first."""
+        return await list_cases(engine, status, limit)
+
+    @app.get("/api/v1/cases/{case_id}")
+    async def case(case_id: str) -> dict[str, Any]:
+        """One case: its full trajectory since the theft, its alerts, who changed what."""
+        found = await case_detail(engine, case_id)
+        if found is None:
+            raise HTTPException(404, f"unknown case {case_id[:70]!r}")
+        return found
+
+    @app.post("/api/v1/cases/{case_id}/ack")
+    async def ack_case(case_id: str, body: Actor) -> dict[str, Any]:
+        """A patrol takes the case on; it keeps raising alerts."""
+        result = await _refusable(acknowledge_case(engine, case_id, body.by, clock(),
+                                                   body.note))
+        return {"case_id": case_id, "message": result.message}
+
+    @app.post("/api/v1/cases/{case_id}/recover")
+    async def recover(case_id: str, body: Actor) -> dict[str, Any]:
+        """The bike is back: no more alerts for this case."""
+        result = await _refusable(recover_theft(engine, case_id, clock(), body.by, body.note))
+        return {"case_id": case_id, "changed": result.changed, "message": result.message}
+
+    @app.post("/api/v1/alerts/{alert_id}/ack")
+    async def ack_alert(alert_id: str, body: Actor) -> dict[str, Any]:
+        case_id = await _refusable(acknowledge_alert(engine, alert_id, body.by, clock(),
+                                                     body.note))
+        return {"alert_id": alert_id, "case_id": case_id}
+
     @app.get("/api/v1/deliveries")
     async def deliveries(state: str | None = Query(None, pattern="^(pending|delivered|dead)$"),
                          webhook: str | None = None,
@@ -100,6 +135,25 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         return as_json(report)
 
     return app
+
+
+_T = TypeVar("_T")
+
+
+class Actor(BaseModel):
+    """Who makes a change (recorded with it), and why. Declared by the caller until API
+    tokens exist."""
+
+    by: str = Field(min_length=1, max_length=100)
+    note: str = Field("", max_length=500)
+
+
+async def _refusable(change: Awaitable[_T]) -> _T:
+    """A refused change (unknown case, closed case) is a 404 or 409, not a 500."""
+    try:
+        return await change
+    except Refused as exc:
+        raise HTTPException(404 if str(exc).startswith("unknown") else 409, str(exc)) from None
 
 
 def bind(address: tuple[str, int]) -> socket.socket:

@@ -90,11 +90,30 @@ class TheftCase(Base):
     reported_ms: Mapped[int] = mapped_column(BigInteger)
     closed_ms: Mapped[int | None] = mapped_column(BigInteger)
     updates: Mapped[int] = mapped_column(Integer, default=0)  # alerts raised so far
+    acked_ms: Mapped[int | None] = mapped_column(BigInteger)   # a patrol took it on
+    acked_by: Mapped[str | None] = mapped_column(String(100))
     __table_args__ = (
         # One open case per tag, enforced by the database (partial unique index).
         Index("uq_theft_cases_open_tag", "tag", unique=True,
               sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
     )
+
+
+class CaseEvent(Base):
+    """Every change to a case or its alerts, with who made it: opened, acknowledged (the
+    case or one alert), recovered. Appended, never changed."""
+
+    __tablename__ = "case_events"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    # null for an alert of a bike with no case (tamper, impossible_travel)
+    case_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("theft_cases.case_id"),
+                                                index=True)
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(32))  # opened | acknowledged | recovered
+    alert_id: Mapped[str | None] = mapped_column(String(26))  # an alert acknowledged
+    note: Mapped[str] = mapped_column(String(500), default="")
 
 
 class RegistryVersion(Base):
@@ -161,6 +180,8 @@ class Alert(Base):
     received_ms: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[str] = mapped_column(Text)
     published_ms: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    acked_ms: Mapped[int | None] = mapped_column(BigInteger)
+    acked_by: Mapped[str | None] = mapped_column(String(100))
     __table_args__ = (
         # One alert per visit, kind and case ("" for the kinds that need none): a
         # repeated batch, a retried transaction or another worker cannot raise it twice.

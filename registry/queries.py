@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from registry.models import Alert, Delivery, RejectRecord, Station, Visit
-from registry.tags import to_db
+from registry.models import Alert, CaseEvent, Delivery, RejectRecord, Station, TheftCase, Visit
+from registry.tags import format_tag, from_db, to_db
 
 
 async def list_rejects(engine: AsyncEngine, limit: int = 50, reason: str | None = None,
@@ -101,3 +101,55 @@ async def requeue_dead(engine: AsyncEngine, now_ms: int, webhook: str | None = N
         q = q.where(Delivery.channel == webhook)
     async with engine.begin() as conn:
         return int((await conn.execute(q)).rowcount)
+
+
+CASE_STATES = ("open", "recovered", "all")
+
+
+def _case(r: Any) -> dict[str, Any]:
+    return {"case_id": r.case_id, "tag": format_tag(from_db(r.tag)), "status": r.status,
+            "stolen_ms": r.stolen_ms, "reported_ms": r.reported_ms, "closed_ms": r.closed_ms,
+            "updates": r.updates, "acked_ms": r.acked_ms, "acked_by": r.acked_by}
+
+
+def _alert(r: Any) -> dict[str, Any]:
+    return {"alert_id": r.alert_id, "kind": r.kind, "station": r.station, "zone": r.zone,
+            "update": r.update_no or None, "seen_ms": r.visit_first_ms,
+            "raised_ms": r.raised_ms, "published_ms": r.published_ms, "acked_ms": r.acked_ms,
+            "acked_by": r.acked_by}
+
+
+async def list_cases(engine: AsyncEngine, status: str = "open", limit: int = 100,
+                     ) -> list[dict[str, Any]]:
+    """Cases, newest report first, each with its latest alert."""
+    q = select(TheftCase).order_by(TheftCase.reported_ms.desc()).limit(limit)
+    if status != "all":
+        q = q.where(TheftCase.status == status)
+    async with engine.connect() as conn:
+        cases = (await conn.execute(q)).all()
+        ids = [c.case_id for c in cases]
+        newest = (select(Alert.case_id, func.max(Alert.raised_ms).label("raised"))
+                  .where(Alert.case_id.in_(ids)).group_by(Alert.case_id).subquery())
+        latest = {r.case_id: r for r in (await conn.execute(
+            select(Alert).join(newest, (Alert.case_id == newest.c.case_id)
+                               & (Alert.raised_ms == newest.c.raised)))).all()}
+    return [_case(c) | {"latest_alert": _alert(latest[c.case_id])
+                        if c.case_id in latest else None} for c in cases]
+
+
+async def case_detail(engine: AsyncEngine, case_id: str) -> dict[str, Any] | None:
+    """A case with its full trajectory since the theft, its alerts and who changed what."""
+    async with engine.connect() as conn:
+        case = (await conn.execute(select(TheftCase).where(TheftCase.case_id == case_id))
+                ).first()
+        if case is None:
+            return None
+        alerts = (await conn.execute(select(Alert).where(Alert.case_id == case_id)
+                                     .order_by(Alert.raised_ms))).all()
+        events = (await conn.execute(select(CaseEvent).where(CaseEvent.case_id == case_id)
+                                     .order_by(CaseEvent.id))).all()
+    path = await trajectory(engine, from_db(case.tag), case.stolen_ms, limit=10_000)
+    return _case(case) | {
+        "trajectory": path, "alerts": [_alert(a) for a in alerts],
+        "events": [{"at_ms": e.at_ms, "actor": e.actor, "action": e.action,
+                    "alert_id": e.alert_id, "note": e.note} for e in events]}

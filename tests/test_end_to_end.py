@@ -349,3 +349,53 @@ class TestRide:
         assert all(a["speed_kmh"] == pytest.approx(16.0, abs=0.1) and 85 < a["heading_deg"] < 95
                    for a in alerts[1:])
         assert alerts[2]["next_stations"][0] == "R-3"  # ahead, eastward
+
+
+class TestCaseLifecycle:
+    async def test_acknowledge_keep_updating_recover_and_who_did_it(
+            self, broker: BrokerHandle, db_url: str) -> None:
+        async with town(broker, db_url, "+") as (settings, worker, police, pub):
+            await until(lambda: len(worker.holder.current) == 1, 5)
+            t0 = wall_ms() - 300_000
+            pub.reads("SP-0040", np.array([STOLEN], np.uint64), np.array([t0]),
+                      np.array([-50]), t0)
+            first = (await police.wait_for(1))[0]
+            async with httpx.AsyncClient(base_url=f"http://{settings.http}") as http:
+                listed = (await http.get("/api/v1/cases")).json()
+                assert [(c["case_id"], c["latest_alert"]["alert_id"]) for c in listed] == [
+                    ("LH-2026-0042", first["alert_id"])]
+                ack = await http.post("/api/v1/cases/LH-2026-0042/ack",
+                                      json={"by": "patrol 7", "note": "on our way"})
+                assert ack.status_code == 200
+                # an acknowledged case keeps producing updates
+                pub.reads("SP-0042", np.array([STOLEN], np.uint64), np.array([t0 + 120_000]),
+                          np.array([-50]), t0)
+                second = (await police.wait_for(2))[1]
+                assert second["update"] == 2
+                assert (await http.post(f"/api/v1/alerts/{second['alert_id']}/ack",
+                                        json={"by": "patrol 7"})).status_code == 200
+                done = await http.post("/api/v1/cases/LH-2026-0042/recover",
+                                       json={"by": "officer Li", "note": "found at market"})
+                assert done.json()["changed"] is True
+                assert await until(lambda: len(worker.holder.current) == 0, 3)
+                pub.reads("SP-0050", np.array([STOLEN], np.uint64), np.array([t0 + 240_000]),
+                          np.array([-50]), t0)
+                await asyncio.sleep(1)
+                detail = (await http.get("/api/v1/cases/LH-2026-0042")).json()
+                refusals = [
+                    (await http.post("/api/v1/cases/LH-404/ack", json={"by": "x"})).status_code,
+                    (await http.post("/api/v1/cases/LH-2026-0042/ack",
+                                     json={"by": "x"})).status_code,
+                    (await http.post("/api/v1/cases/LH-2026-0042/ack", json={})).status_code,
+                    (await http.get("/api/v1/cases/LH-404")).status_code]
+        assert len(police.alerts) == 2  # recovered: quiet
+        assert (detail["status"], detail["acked_by"], detail["updates"]) == (
+            "recovered", "patrol 7", 2)
+        assert [v["station"] for v in detail["trajectory"]][:2] == ["SP-0040", "SP-0042"]
+        assert [(a["update"], a["acked_by"]) for a in detail["alerts"]] == [
+            (1, None), (2, "patrol 7")]
+        assert [(e["action"], e["actor"], e["alert_id"]) for e in detail["events"]] == [
+            ("opened", "cli", None), ("acknowledged", "patrol 7", None),
+            ("acknowledged", "patrol 7", second["alert_id"]), ("recovered", "officer Li", None)]
+        assert detail["events"][3]["note"] == "found at market"
+        assert refusals == [404, 409, 422, 404]
