@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
@@ -103,15 +103,20 @@ class WebhookSender:
             stopping = asyncio.ensure_future(stop.wait())
             try:
                 due = await self._due(r.name)
+                done: list[tuple[_Due, str | None]] = []
                 for row in due:
                     post = asyncio.ensure_future(self._post(r, http, row))
                     await asyncio.wait({post, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     if not post.done():  # shutting down: the row stays pending for next time
                         post.cancel()
-                        return
-                    await self._record(r.name, row, post.result())
-                    if stop.is_set():
-                        return
+                        break
+                    done.append((row, post.result()))
+                # One transaction for the batch: on SQLite every transaction waits for the
+                # one write lock, behind the hot path (a crash before it resends the batch,
+                # under the same webhook-ids).
+                await self._record(r.name, done)
+                if stop.is_set():
+                    return
             except (DBAPIError, OSError) as exc:  # the database is away: the rows wait
                 log.warning("webhook %s: database error: %s", r.name, str(exc)[:200])
                 due = []
@@ -147,24 +152,33 @@ class WebhookSender:
             return None
         return f"HTTP {answer.status_code}"
 
-    async def _record(self, name: str, row: _Due, error: str | None) -> None:
+    async def _record(self, name: str, done: list[tuple[_Due, str | None]]) -> None:
+        if not done:
+            return
         now = self.clock()
-        attempts = row.attempts + 1
-        values: dict[str, object] = {"attempts": attempts, "last_error": error or ""}
-        if error is None:
-            values["delivered_ms"] = now
-            result = "delivered"
-        elif now - row.created_ms >= self.max_age_ms:
-            values["dead_ms"] = now
-            result = "dead"
-            log.warning("webhook %s: alert %s dead-lettered after %d attempts: %s", name,
-                        row.alert_id, attempts, error)
-        else:
-            values["next_ms"] = now + retry_delay_ms(attempts, self._rng)
-            result = "failed"
+        rows, results = [], []
+        for row, error in done:
+            attempts = row.attempts + 1
+            values = {"rid": row.id, "attempts": attempts, "error": error or "",
+                      "delivered": None, "dead": None, "next": now}
+            if error is None:
+                values["delivered"], result = now, "delivered"
+            elif now - row.created_ms >= self.max_age_ms:
+                values["dead"], result = now, "dead"
+                log.warning("webhook %s: alert %s dead-lettered after %d attempts: %s", name,
+                            row.alert_id, attempts, error)
+            else:
+                values["next"], result = now + retry_delay_ms(attempts, self._rng), "failed"
+            rows.append(values)
+            results.append((row.kind, result))
         async with self.engine.begin() as conn:
-            await conn.execute(update(Delivery).where(Delivery.id == row.id).values(**values))
-        self.on_result(name, row.kind, result)
+            await conn.execute(
+                update(Delivery).where(Delivery.id == bindparam("rid")).values(
+                    attempts=bindparam("attempts"), last_error=bindparam("error"),
+                    delivered_ms=bindparam("delivered"), dead_ms=bindparam("dead"),
+                    next_ms=bindparam("next")), rows)
+        for kind, result in results:
+            self.on_result(name, kind, result)
 
 
 async def _first(wake: asyncio.Event, stop: asyncio.Event) -> None:

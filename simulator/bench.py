@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
@@ -40,6 +41,7 @@ BIKES_IN_RANGE = 10   # distinct tags in one batch, each heard READS_PER_BATCH /
 VISIT_BATCHES = 10    # batches of one station before the bikes in range change
 EPOCHS = 32
 STOLEN_TAG = 0xDEAD0001
+OPEN_CASES = 1_000  # in the latency run
 
 
 def _ns_per(fn: Callable[[], object], reads: int, min_s: float = 0.3) -> float:
@@ -214,25 +216,62 @@ async def _bare_aiomqtt(broker: BrokerHandle, root: str, seconds: float) -> floa
     return count / seconds
 
 
+class _WebhookTimer:
+    """A police webhook on loopback that notes when each alert arrives."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, int] = {}
+        arrived = self.arrived
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                arrived.setdefault(self.headers["webhook-id"], wall_ms())
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: float = 0,
                       stolen_every: int = 0, db_url: str | None = None,
-                      ) -> tuple[float, list[float], tuple[int, int]]:
+                      open_cases: int = 1, webhook: _WebhookTimer | None = None,
+                      ) -> tuple[float, list[float], tuple[int, int], list[float]]:
+    """reads/s, MQTT alert latencies (ms), RSS at start and end, webhook latencies (ms)."""
+    from sqlalchemy import select
+
     from ingest.service import Worker
     from registry.cases import report_theft
     from registry.db import open_database
     from registry.imports import import_vehicles
+    from registry.models import Alert
 
     with tempfile.TemporaryDirectory() as tmp:
         root = f"bench{uuid.uuid4().hex[:6]}"
+        hooks = ("[]" if webhook is None else
+                 f'[{{"name": "bench", "url": "{webhook.url}", "secrets": ["whsec_YmVuY2g="]}}]')
         settings = Settings.load(None, broker.settings_overrides() | {
             "BIKEWATCH_DB_URL": db_url or f"sqlite+aiosqlite:///{tmp}/b.db",
             "BIKEWATCH_MQTT_ROOT": root,
             "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}",
-            "BIKEWATCH_CLIENT_ID": f"benchw-{uuid.uuid4().hex[:6]}"})
+            "BIKEWATCH_CLIENT_ID": f"benchw-{uuid.uuid4().hex[:6]}",
+            "BIKEWATCH_WEBHOOKS": hooks})
         engine = await open_database(settings.db_url)
-        await import_vehicles(engine, "tag,plate,owner_name,owner_phone,brand,color\n"
-                              f"{STOLEN_TAG:08x},P,N,1,B,C\n")
-        await report_theft(engine, STOLEN_TAG, "BENCH-1", 0, wall_ms())
+        # Open cases beside the bench's own: tags the traffic never carries (over 2^40).
+        others = [2**41 + i for i in range(open_cases - 1)]
+        await import_vehicles(engine, "tag,plate,owner_name,owner_phone,brand,color\n" + "".join(
+            f"{t:08x},P,N,1,B,C\n" for t in (STOLEN_TAG, *others)))
+        for i, t in enumerate((STOLEN_TAG, *others)):
+            await report_theft(engine, t, f"BENCH-{i}", 0, wall_ms())
         worker = Worker(settings, engine)
         latencies: list[float] = []
         worker.on_alert = lambda a: latencies.append(wall_ms() - a.received_ms)
@@ -251,10 +290,17 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
         r1, t1 = reads(), time.monotonic()
         rss1 = _rss_mb()
         await asyncio.to_thread(pub.wait)
+        await asyncio.sleep(1.0 if webhook else 0)  # the last deliveries
+        hook_ms: list[float] = []
+        if webhook is not None:
+            async with engine.connect() as conn:
+                received = dict((await conn.execute(
+                    select(Alert.alert_id, Alert.received_ms))).all())
+            hook_ms = [t - received[a] for a, t in webhook.arrived.items() if a in received]
         worker.stop.set()
         await task
         await engine.dispose()
-        return (r1 - r0) / (t1 - t0), latencies, (rss0, rss1)
+        return (r1 - r0) / (t1 - t0), latencies, (rss0, rss1), hook_ms
 
 
 def _rss_mb() -> int:
@@ -282,21 +328,28 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None) -> None:
         aio = await _bare_aiomqtt(broker, f"aio{uuid.uuid4().hex[:6]}", seconds)
         print(f"bare aiomqtt subscriber:   {aio:>10,.0f} messages/s ({aio / bare:.2f} of paho)")
         for fmt in ("binary", "json"):
-            rate, _, _ = await _worker_run(broker, seconds, fmt, db_url=db_url)
+            rate, _, _, _ = await _worker_run(broker, seconds, fmt, db_url=db_url)
             print(f"worker, {fmt:<6}:            {rate:>10,.0f} reads/s = "
                   f"{rate / READS_PER_BATCH:,.0f} batches/s ({rate / READS_PER_BATCH / bare:.2f} "
                   f"of the bare subscriber)")
             if fmt == "binary":
                 top = rate / READS_PER_BATCH
         half = top / 2
-        _, lat, _ = await _worker_run(broker, seconds, "binary", rate=half,
-                                      stolen_every=STATIONS + 1, db_url=db_url)
-        if lat:
-            p50, p99 = np.percentile(lat, [50, 99])
-            print(f"alert latency at half load ({half:,.0f} batches/s, {len(lat)} alerts): "
-                  f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        timer = _WebhookTimer()
+        try:
+            _, lat, _, hook = await _worker_run(broker, seconds, "binary", rate=half,
+                                                stolen_every=STATIONS + 1, db_url=db_url,
+                                                open_cases=OPEN_CASES, webhook=timer)
+        finally:
+            timer.close()
+        print(f"alert latency at half load ({half:,.0f} batches/s, {OPEN_CASES:,} open cases), "
+              "read received to:")
+        for channel, ms in (("MQTT PUBACK", lat), ("webhook 2xx", hook)):
+            if ms:
+                p50, p99 = np.percentile(ms, [50, 99])
+                print(f"  {channel}: {len(ms)} alerts, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
         if soak:
-            rate, _, (r0, r1) = await _worker_run(broker, soak, "binary", db_url=db_url)
+            rate, _, (r0, r1), _ = await _worker_run(broker, soak, "binary", db_url=db_url)
             print(f"soak {soak:.0f} s at full load: {rate:,.0f} reads/s, "
                   f"RSS {r0} MB at start, {r1} MB at end (bench process, worker in it)")
     finally:
