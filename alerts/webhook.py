@@ -97,34 +97,52 @@ class WebhookSender:
 
     async def _loop(self, r: WebhookReceiver, http: httpx.AsyncClient,
                     stop: asyncio.Event) -> None:
+        # Results are recorded by a flush of their own, many rows a transaction: on
+        # SQLite each transaction waits for the one write lock, behind the hot path, and
+        # waiting for it between posts let alerts queue. Rows posted and not yet recorded
+        # are skipped by `_due`; a crash before the record resends them, same webhook-id.
         wake = self._wake[r.name]
-        while not stop.is_set():
-            wake.clear()
-            stopping = asyncio.ensure_future(stop.wait())
-            try:
-                due = await self._due(r.name)
-                done: list[tuple[_Due, str | None]] = []
-                for row in due:
-                    post = asyncio.ensure_future(self._post(r, http, row))
-                    await asyncio.wait({post, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    if not post.done():  # shutting down: the row stays pending for next time
-                        post.cancel()
-                        break
-                    done.append((row, post.result()))
-                # One transaction for the batch: on SQLite every transaction waits for the
-                # one write lock, behind the hot path (a crash before it resends the batch,
-                # under the same webhook-ids).
-                await self._record(r.name, done)
-                if stop.is_set():
-                    return
-            except (DBAPIError, OSError) as exc:  # the database is away: the rows wait
-                log.warning("webhook %s: database error: %s", r.name, str(exc)[:200])
-                due = []
-            finally:
-                stopping.cancel()
-            if len(due) < BATCH:  # caught up: sleep until new alerts or the poll
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_first(wake, stop), POLL_S)
+        posted: dict[int, tuple[_Due, str | None]] = {}
+        flushing: asyncio.Future[None] | None = None
+        try:
+            while not stop.is_set():
+                wake.clear()
+                stopping = asyncio.ensure_future(stop.wait())
+                try:
+                    due = [row for row in await self._due(r.name) if row.id not in posted]
+                    for row in due:
+                        post = asyncio.ensure_future(self._post(r, http, row))
+                        await asyncio.wait({post, stopping},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                        if not post.done():  # shutting down: the row stays pending
+                            post.cancel()
+                            break
+                        posted[row.id] = (row, post.result())
+                except (DBAPIError, OSError) as exc:  # the database is away: rows wait
+                    log.warning("webhook %s: database error: %s", r.name, str(exc)[:200])
+                    due = []
+                finally:
+                    stopping.cancel()
+                if posted and (flushing is None or flushing.done()):
+                    flushing = asyncio.ensure_future(self._flush(r.name, posted))
+                if len(due) < BATCH:  # caught up: sleep until new alerts or the poll
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_first(wake, stop), POLL_S)
+        finally:
+            if flushing is not None:
+                await flushing
+            await self._flush(r.name, posted)
+
+    async def _flush(self, name: str, posted: dict[int, tuple[_Due, str | None]]) -> None:
+        """Record what was posted, then forget it; on a database error keep it for later."""
+        batch = list(posted.values())
+        try:
+            await self._record(name, batch)
+        except (DBAPIError, OSError) as exc:
+            log.warning("webhook %s: results not recorded yet: %s", name, str(exc)[:200])
+            return
+        for row, _ in batch:
+            posted.pop(row.id, None)
 
     async def _due(self, name: str) -> list[_Due]:
         async with self.engine.connect() as conn:

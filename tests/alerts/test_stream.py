@@ -63,10 +63,15 @@ async def test_live_alerts_zones_and_resuming(broker: BrokerHandle, sqlite_url: 
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            def raised() -> float:
+                return worker.registry.get_sample_value(
+                    "bikewatch_alerts_total", {"kind": "stolen_sighting"}) or 0
+
             _sighting(pub, "SP-0042", t + 90_000)  # raised while nobody listened
+            await until(lambda: raised() == 2)
+            await asyncio.sleep(0.01)  # raised in another millisecond: a definite order
             _sighting(pub, "SP-0050", t + 180_000)  # another zone
-            await until(lambda: (worker.registry.get_sample_value(
-                "bikewatch_alerts_total", {"kind": "stolen_sighting"}) or 0) == 3)
+            await until(lambda: raised() == 3)
             resumed: list[dict[str, Any]] = []
             every: list[dict[str, Any]] = []
             listeners = [
