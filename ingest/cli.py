@@ -215,16 +215,14 @@ async def _rejects(settings: Settings, args: argparse.Namespace) -> int:
     from registry.queries import list_rejects
 
     async def job(engine: Any) -> int:
-        rows = await list_rejects(engine, args.limit, args.reason, args.station)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return EXIT_OK
-        if not rows:
-            print("no rejects")
-        for r in rows:
+        def line(r: dict[str, Any]) -> str:
             what = f"{r['reads']} read(s)" if r["reads"] else "payload"
-            print(f"{_iso(r['received_ms'])}  {r['station']:<16} {r['reason']:<16} {what:<12} "
-                  f"boot={r['boot']} seq={r['seq']}  {r['detail']}  {r['payload_prefix'][:60]!r}")
+            return (f"{_iso(r['received_ms'])}  {r['station']:<16} {r['reason']:<16} "
+                    f"{what:<12} boot={r['boot']} seq={r['seq']}  {r['detail']}  "
+                    f"{r['payload_prefix'][:60]!r}")
+
+        _print_rows(await list_rejects(engine, args.limit, args.reason, args.station),
+                    args.json, "no rejects", line)
         return EXIT_OK
 
     return await _with_db(settings, job)
@@ -238,16 +236,11 @@ async def _deliveries(settings: Settings, args: argparse.Namespace) -> int:
             n = await requeue_dead(engine, wall_ms(), args.webhook)
             print(f"{n} dead-lettered deliveries queued again")
             return EXIT_OK
-        rows = await list_deliveries(engine, args.state, args.webhook, args.limit)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return EXIT_OK
-        if not rows:
-            print("no deliveries")
-        for r in rows:
-            print(f"{_iso(r['created_ms'])}  {r['webhook']:<16} {r['state']:<9} "
-                  f"attempts={r['attempts']:<3} {r['kind']} {r['case_id']} {r['alert_id']}  "
-                  f"{r['last_error']}")
+        _print_rows(await list_deliveries(engine, args.state, args.webhook, args.limit),
+                    args.json, "no deliveries", lambda r: (
+                        f"{_iso(r['created_ms'])}  {r['webhook']:<16} {r['state']:<9} "
+                        f"attempts={r['attempts']:<3} {r['kind']} {r['case_id']} "
+                        f"{r['alert_id']}  {r['last_error']}"))
         return EXIT_OK
 
     return await _with_db(settings, job)
@@ -271,6 +264,18 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return await _with_db(settings, job)
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, empty: str,
+                line: Callable[[dict[str, Any]], str]) -> None:
+    """A listing as JSON, or a line a row."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print(empty)
+    for r in rows:
+        print(line(r))
 
 
 def _iso(ms: int) -> str:

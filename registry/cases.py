@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -58,10 +59,7 @@ async def recover_theft(engine: AsyncEngine, case_id: str, now_ms: int, actor: s
                         note: str = "") -> CaseResult:
     """Close a case as recovered; it raises no more alerts. Idempotent."""
     async with engine.begin() as conn:
-        row = (await conn.execute(select(TheftCase.tag, TheftCase.status)
-                                  .where(TheftCase.case_id == case_id))).first()
-        if row is None:
-            raise Refused(f"unknown case {case_id[:70]!r}")
+        row = await _case(conn, case_id)
         tag = from_db(row.tag)
         if row.status != "open":
             return CaseResult(case_id, tag, False, f"case {case_id} is already {row.status}")
@@ -77,10 +75,7 @@ async def acknowledge_case(engine: AsyncEngine, case_id: str, actor: str, now_ms
                            note: str = "") -> CaseResult:
     """A patrol takes the case on. It keeps raising alerts; recording who and when."""
     async with engine.begin() as conn:
-        row = (await conn.execute(select(TheftCase.tag, TheftCase.status)
-                                  .where(TheftCase.case_id == case_id))).first()
-        if row is None:
-            raise Refused(f"unknown case {case_id[:70]!r}")
+        row = await _case(conn, case_id)
         if row.status != "open":
             raise Refused(f"case {case_id} is {row.status}; only an open case is acknowledged")
         await conn.execute(update(TheftCase).where(TheftCase.case_id == case_id)
@@ -103,6 +98,15 @@ async def acknowledge_alert(engine: AsyncEngine, alert_id: str, actor: str, now_
         case_id = row.case_id or None
         await _event(conn, case_id, now_ms, actor, "acknowledged", alert_id=alert_id, note=note)
     return case_id
+
+
+async def _case(conn: AsyncConnection, case_id: str) -> Any:
+    """The case's tag and status; Refused if there is no such case."""
+    row = (await conn.execute(select(TheftCase.tag, TheftCase.status)
+                              .where(TheftCase.case_id == case_id))).first()
+    if row is None:
+        raise Refused(f"unknown case {case_id[:70]!r}")
+    return row
 
 
 async def _event(conn: AsyncConnection, case_id: str | None, at_ms: int, actor: str,

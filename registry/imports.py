@@ -52,31 +52,25 @@ def _station_row(row: dict[str, str]) -> dict[str, Any]:
         raise ValueError("lat and lon must be given together")
     out = {"id": sid, "name": row["name"].strip()[:200], "lat": lat, "lon": lon, "zone": zone}
     if "timeout_s" in row:  # optional: this station's heard-within timeout (ingest.health)
-        out["timeout_s"] = _timeout(row["timeout_s"] or "")
+        out["timeout_s"] = _number(row["timeout_s"] or "", "timeout_s",
+                                   lambda v: 0 < v <= 7 * 86_400, "is not in (0, 604800]")
     return out
 
 
-def _timeout(text: str) -> float | None:
-    if not text.strip():
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"timeout_s {text[:30]!r} is not a number") from None
-    if not (math.isfinite(value) and 0 < value <= 7 * 86_400):
-        raise ValueError(f"timeout_s {value} is not in (0, 604800]")
-    return value
-
-
 def _coordinate(text: str, limit: float, name: str) -> float | None:
+    return _number(text, name, lambda v: -limit <= v <= limit, "out of range")
+
+
+def _number(text: str, name: str, valid: Callable[[float], bool], why: str) -> float | None:
+    """An optional number column: None when empty, else a finite float that is `valid`."""
     if not text.strip():
         return None
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"{name} {text[:30]!r} is not a number") from None
-    if not (math.isfinite(value) and -limit <= value <= limit):
-        raise ValueError(f"{name} {value} out of range")
+    if not (math.isfinite(value) and valid(value)):
+        raise ValueError(f"{name} {value} {why}")
     return value
 
 

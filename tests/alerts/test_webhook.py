@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
 from ingest.config import Settings, WebhookReceiver
 from ingest.errors import ConfigError
+from ingest.service import Worker
 from registry.db import open_database
 from registry.queries import list_deliveries, requeue_dead
+from simulator.publisher import StationPublisher
 from tests.helpers import (
     STOLEN,
     metric,
@@ -96,6 +99,21 @@ def _hooks(*entries: tuple[str, Receiver, list[str]]) -> str:
                         "zones": zones} for name, r, zones in entries])
 
 
+@contextlib.asynccontextmanager
+async def _served(broker: BrokerHandle, url: str, **env: str,
+                  ) -> AsyncIterator[tuple[Worker, StationPublisher]]:
+    """The staged town with these settings, its worker running with the theft loaded."""
+    settings = settings_for(broker, url, **env)
+    await stage_registry(url)
+    pub = publisher(settings)
+    try:
+        async with running_worker(settings) as worker:
+            await until(lambda: len(worker.holder.current) == 1, 5)
+            yield worker, pub
+    finally:
+        pub.close()
+
+
 def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -147,21 +165,14 @@ class TestDelivery:
             self, broker: BrokerHandle, sqlite_url: str,
             receivers: tuple[Receiver, Receiver]) -> None:
         sp, xz = receivers
-        settings = settings_for(broker, sqlite_url, BIKEWATCH_WEBHOOKS=_hooks(
-            ("police-sp", sp, ["shangpan"]), ("police-xz", xz, ["xiaozhi"])))
-        await stage_registry(sqlite_url)
-        pub = publisher(settings)
-        try:
-            async with running_worker(settings) as worker:
-                await until(lambda: len(worker.holder.current) == 1, 5)
-                _sighting(pub)
-                assert await until(lambda: len(sp.delivered()) == 1)
-                await until(lambda: metric(worker, "bikewatch_alert_deliveries_total",
-                                           kind="stolen_sighting", channel="webhook/police-sp",
-                                           outcome="delivered") == 1)
-                rows = await list_deliveries(worker.engine)
-        finally:
-            pub.close()
+        async with _served(broker, sqlite_url, BIKEWATCH_WEBHOOKS=_hooks(
+            ("police-sp", sp, ["shangpan"]), ("police-xz", xz, ["xiaozhi"]))) as (worker, pub):
+            _sighting(pub)
+            assert await until(lambda: len(sp.delivered()) == 1)
+            await until(lambda: metric(worker, "bikewatch_alert_deliveries_total",
+                                       kind="stolen_sighting", channel="webhook/police-sp",
+                                       outcome="delivered") == 1)
+            rows = await list_deliveries(worker.engine)
         headers, body = sp.delivered()[0]
         alert = Webhook(SECRET_OLD).verify(body, headers)
         assert alert["kind"] == "stolen_sighting" and alert["station"]["zone"] == "shangpan"
@@ -175,28 +186,21 @@ class TestDelivery:
             receivers: tuple[Receiver, Receiver]) -> None:
         down, up = receivers
         down.status, down.hang_s = 503, 1.0  # slower than the timeout per attempt
-        settings = settings_for(broker, sqlite_url, BIKEWATCH_WEBHOOK_TIMEOUT_S="0.3",
-                                BIKEWATCH_WEBHOOKS=_hooks(("down", down, ["*"]),
-                                                          ("up", up, ["shangpan"])))
-        await stage_registry(sqlite_url)
-        pub = publisher(settings)
-        try:
-            async with running_worker(settings) as worker:
-                await until(lambda: len(worker.holder.current) == 1, 5)
-                started = time.monotonic()
-                _sighting(pub)
-                assert await until(lambda: len(up.delivered()) == 1)
-                assert time.monotonic() - started < 2
-                assert await until(lambda: len(down.requests) >= 2, 6)  # retried
-                down.status, down.hang_s = 200, 0.0
-                assert await until(lambda: len(down.delivered()) == 1, 10)
-                assert await until(lambda: metric(worker, "bikewatch_outbox_depth",
-                                                  channel="webhook/down") == 0, 7)
-                assert (metric(worker, "bikewatch_alert_deliveries_total",
-                               kind="stolen_sighting", channel="webhook/down",
-                               outcome="failed") or 0) >= 2
-        finally:
-            pub.close()
+        hooks = _hooks(("down", down, ["*"]), ("up", up, ["shangpan"]))
+        async with _served(broker, sqlite_url, BIKEWATCH_WEBHOOK_TIMEOUT_S="0.3",
+                           BIKEWATCH_WEBHOOKS=hooks) as (worker, pub):
+            started = time.monotonic()
+            _sighting(pub)
+            assert await until(lambda: len(up.delivered()) == 1)
+            assert time.monotonic() - started < 2
+            assert await until(lambda: len(down.requests) >= 2, 6)  # retried
+            down.status, down.hang_s = 200, 0.0
+            assert await until(lambda: len(down.delivered()) == 1, 10)
+            assert await until(lambda: metric(worker, "bikewatch_outbox_depth",
+                                              channel="webhook/down") == 0, 7)
+            assert (metric(worker, "bikewatch_alert_deliveries_total",
+                           kind="stolen_sighting", channel="webhook/down",
+                           outcome="failed") or 0) >= 2
         ids = {h["webhook-id"] for h, _, _ in down.requests}
         assert len(ids) == 1  # every retry is the same alert, under the same id
         assert len(down.delivered()) == 1
@@ -228,44 +232,30 @@ class TestDelivery:
             receivers: tuple[Receiver, Receiver]) -> None:
         hook, _ = receivers
         hook.status = 503
-        settings = settings_for(broker, sqlite_url, BIKEWATCH_WEBHOOK_MAX_AGE_S="1.5",
-                                BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"])))
-        await stage_registry(sqlite_url)
-        pub = publisher(settings)
-        try:
-            async with running_worker(settings) as worker:
-                await until(lambda: len(worker.holder.current) == 1, 5)
-                _sighting(pub)
-                assert await until(lambda: metric(
-                    worker, "bikewatch_alert_deliveries_total", kind="stolen_sighting",
-                    channel="webhook/police", outcome="dead") == 1, 10)
-                dead = await list_deliveries(worker.engine, "dead")
-                assert len(dead) == 1 and dead[0]["last_error"] == "HTTP 503"
-                hook.status = 200
-                engine = await open_database(sqlite_url)
-                assert await requeue_dead(engine, wall_ms(), "police") == 1
-                await engine.dispose()
-                assert await until(lambda: len(hook.delivered()) == 1, 10)
-        finally:
-            pub.close()
+        async with _served(broker, sqlite_url, BIKEWATCH_WEBHOOK_MAX_AGE_S="1.5",
+                           BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"]))) as (worker, pub):
+            _sighting(pub)
+            assert await until(lambda: metric(
+                worker, "bikewatch_alert_deliveries_total", kind="stolen_sighting",
+                channel="webhook/police", outcome="dead") == 1, 10)
+            dead = await list_deliveries(worker.engine, "dead")
+            assert len(dead) == 1 and dead[0]["last_error"] == "HTTP 503"
+            hook.status = 200
+            engine = await open_database(sqlite_url)
+            assert await requeue_dead(engine, wall_ms(), "police") == 1
+            await engine.dispose()
+            assert await until(lambda: len(hook.delivered()) == 1, 10)
 
     async def test_three_failures_then_exactly_once_and_verified(
             self, broker: BrokerHandle, sqlite_url: str,
             receivers: tuple[Receiver, Receiver]) -> None:
         hook, _ = receivers
         hook.fail_first = 3
-        settings = settings_for(broker, sqlite_url,
-                                BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"])))
-        await stage_registry(sqlite_url)
-        pub = publisher(settings)
-        try:
-            async with running_worker(settings) as worker:
-                await until(lambda: len(worker.holder.current) == 1, 5)
-                _sighting(pub)
-                assert await until(lambda: len(hook.delivered()) == 1, 15)  # ~1+2+4 s
-                await asyncio.sleep(1)
-        finally:
-            pub.close()
+        async with _served(broker, sqlite_url,
+                           BIKEWATCH_WEBHOOKS=_hooks(("police", hook, ["*"]))) as (_, pub):
+            _sighting(pub)
+            assert await until(lambda: len(hook.delivered()) == 1, 15)  # ~1+2+4 s
+            await asyncio.sleep(1)
         assert [status for _, _, status in hook.requests] == [500, 500, 500, 200]
         headers, body = hook.delivered()[0]
         assert Webhook(SECRET_NEW).verify(body, headers)["kind"] == "stolen_sighting"
