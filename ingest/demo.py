@@ -78,12 +78,16 @@ def _show(alert: dict[str, object]) -> None:
     traj = alert.get("trajectory") or []
     assert isinstance(traj, list)
     path = " → ".join(str(v["station"]) for v in traj)
+    ahead = alert.get("next_stations") or []
+    assert isinstance(ahead, list)
+    nxt = ", ".join(str(x) for x in ahead) or "unknown"
     when = dt.datetime.fromtimestamp(int(str(alert["seen_ms"])) / 1000, tz=dt.UTC)
     console.print(
         f"[bold red]ALERT[/] {alert['kind']} case [bold]{alert['case_id']}[/] "
         f"update {alert['update']}: tag {alert['tag']} at [bold]{st['id']}[/] "
         f"({st['name']}, zone {st['zone']}) seen {when:%H:%M:%S}Z, "
-        f"speed {alert['speed_kmh']} km/h, heading {alert['heading_deg']}; path {path}")
+        f"speed {alert['speed_kmh']} km/h, heading {alert['heading_deg']}; path {path}; "
+        f"likely next {nxt}")
 
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -135,8 +139,10 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             while not alerts.empty():
                 _show(alerts.get_nowait())
             reads = worker.registry.get_sample_value("bikewatch_reads_total") or 0
-            console.print(f"done: {int(reads)} reads accepted, online ratio "
-                          f"{worker.health.online_ratio():.2f}")
+            target = worker.health.target()
+            console.print(f"done: {int(reads)} reads accepted, stations online "
+                          f"{worker.health.online_ratio():.0%} (target {target.ratio:.0%}, "
+                          f"stage {target.stage}); `bikewatch report uptime` has the detail")
             worker.stop.set()
     finally:
         if police is not None:
