@@ -56,13 +56,16 @@ def _police(settings: Settings, out: asyncio.Queue[dict[str, object]],
     if ep.username:
         client.username_pw_set(ep.username, ep.password)
     connected = threading.Event()
+    zones = f"{settings.mqtt_root}/alerts/+"  # zones are one topic level
 
     def on_connect(c: paho.Client, *_: object) -> None:
-        c.subscribe(f"{settings.mqtt_root}/alerts/#", qos=1)
+        c.subscribe(zones, qos=1)
         connected.set()
 
     def on_message(_c: paho.Client, _u: object, m: paho.MQTTMessage) -> None:
-        loop.call_soon_threadsafe(out.put_nowait, orjson.loads(m.payload))
+        # amqtt 0.12 was seen sending subscribers retained messages of other topics
+        if paho.topic_matches_sub(zones, m.topic):
+            loop.call_soon_threadsafe(out.put_nowait, orjson.loads(m.payload))
 
     client.on_connect = on_connect
     client.on_message = on_message

@@ -60,6 +60,8 @@ class Police:
         self.alerts: list[dict[str, object]] = []
         self.topics: list[str] = []
         self._lock = threading.Lock()
+        self.subscription = topic
+        self.stray: list[str] = []
         self.client = paho.Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"police-{uuid.uuid4().hex[:8]}")
         if ep.username:
@@ -73,6 +75,13 @@ class Police:
         assert subscribed.wait(10), "police subscriber did not subscribe"
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        # As an integration should: keep what it subscribed to, set aside the rest. amqtt
+        # 0.12 was seen sending a station's retained `online` to a `{root}/alerts/...`
+        # subscriber; a receiver that raised on it lost its network thread, and amqtt
+        # then stalled on the dead connection, failing every later test.
+        if not paho.topic_matches_sub(self.subscription, msg.topic):
+            self.stray.append(msg.topic)
+            return
         with self._lock:
             self.alerts.append(orjson.loads(msg.payload))
             self.topics.append(msg.topic)
@@ -143,7 +152,10 @@ async def town(broker: BrokerHandle, db_url: str, alerts: str | None, topic: str
     police receiver on `{root}/{topic}/{alerts}` (all zones when None)."""
     settings = settings_for(broker, db_url, **extra)
     await stage_registry(db_url)
-    police = Police(settings, f"{settings.mqtt_root}/{topic}/{alerts or '#'}")
+    # Zones are one topic level, so `+` is every zone; amqtt 0.12 also sends `#`
+    # subscribers retained messages of other topics under the root (seen: a station's
+    # `online` status on `{root}/alerts/#`).
+    police = Police(settings, f"{settings.mqtt_root}/{topic}/{alerts or '+'}")
     pub = publisher(settings)
     try:
         async with running_worker(settings) as worker:
