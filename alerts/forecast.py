@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.geo import distance_km_array
 from registry.models import Visit
-from registry.stations import StationInfo
+from registry.stations import StationInfo, coordinates
 
 MAX_GAP_MS = 30 * 60_000   # visits further apart are two trips, not a transition
 MIN_SUPPORT = 3            # transitions seen fewer times than this are too thin to rank by
@@ -59,10 +59,7 @@ class Forecast:
         p, c, nx = s[:-2][both], s[1:-1][both], s[2:][both]
         second_flat = _ranked(p * n + c, nx)
         second = {(k // n, k % n): v for k, v in second_flat.items()}
-        infos = [directory.get(name) for name in names]
-        nan = float("nan")
-        lat = np.array([i.lat if i and i.lat is not None else nan for i in infos], float)
-        lon = np.array([i.lon if i and i.lon is not None else nan for i in infos], float)
+        lat, lon = coordinates(names, directory)
         return cls(names, {name: i for i, name in enumerate(names)}, first, second, lat, lon)
 
     def next_stations(self, previous: str | None, current: str, k: int = TOP) -> list[str]:

@@ -50,7 +50,7 @@ from registry.imports import NAME_RE
 from registry.models import RejectRecord, Station, Vehicle, Visit, VisitLog
 from registry.snapshot import StolenSet, StolenSetHolder
 from registry.sql import executemany, insert_ignore, insert_new_keys
-from registry.stations import StationInfo
+from registry.stations import StationInfo, coordinates
 from registry.tags import from_db
 
 log = logging.getLogger(__name__)
@@ -363,11 +363,7 @@ class Pipeline:
         names = self.tracker.station_names()
         key = (id(self.directory), len(names))
         if self._coords_key != key:
-            nan = float("nan")
-            infos = [self.directory.get(n) for n in names]
-            self._coords = (
-                np.array([i.lat if i and i.lat is not None else nan for i in infos], float),
-                np.array([i.lon if i and i.lon is not None else nan for i in infos], float))
+            self._coords = coordinates(names, self.directory)
             self._coords_key = key
         return self._coords
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -41,3 +43,12 @@ async def load_directory(conn: AsyncConnection) -> dict[str, StationInfo]:
                               r.zone if r.imported else UNASSIGNED, r.imported, r.imported_ms,
                               r.timeout_s)
             for r in rows}
+
+
+def coordinates(names: Sequence[str], directory: Mapping[str, StationInfo],
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """lat and lon arrays aligned with `names`, NaN where a station has no coordinates."""
+    infos = [directory.get(n) for n in names]
+    nan = float("nan")
+    return (np.array([i.lat if i and i.lat is not None else nan for i in infos], float),
+            np.array([i.lon if i and i.lon is not None else nan for i in infos], float))
