@@ -26,6 +26,7 @@ from ingest.reports import FORMATS
 from registry.errors import Refused, StoreError
 from registry.queries import DELIVERY_STATES
 from registry.tags import BadTag, format_tag, parse_tag
+from registry.tokens import ROLES
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -105,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     uptime.add_argument("--to", metavar="ISO8601", help="window end (default: now)")
     uptime.add_argument("--zone", help="one police zone only")
     uptime.add_argument("--format", choices=FORMATS, default="table")
+
+    token = sub.add_parser("token", help="HTTP API tokens").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    create = token.add_parser("create", help="a new token; its secret is printed once")
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--name", required=True, help="who or what uses it; unique")
+    create.add_argument("--zone", action="append", default=[], metavar="ZONE",
+                        help="limit a police token to this zone (repeat for several)")
+    token.add_parser("revoke", help="the token stops working at once").add_argument("name")
+    token.add_parser("list", help="every token, revoked ones too").add_argument(
+        "--json", action="store_true")
 
     from simulator.cli import add_bench_parser, add_simulate_parser
 
@@ -266,6 +278,25 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, job)
 
 
+async def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from registry.tokens import create_token, list_tokens, revoke_token
+
+    async def job(engine: Any) -> int:
+        if args.action == "create":
+            print(await create_token(engine, args.role, args.name, wall_ms(), args.zone))
+        elif args.action == "revoke":
+            done = await revoke_token(engine, args.name, wall_ms())
+            print(f"token {args.name} {'revoked' if done else 'was already revoked'}")
+        else:
+            _print_rows(await list_tokens(engine), args.json, "no tokens", lambda r: (
+                f"{r['name']:<24} {r['role']:<7} {','.join(r['zones']) or '-':<20} "
+                f"created {_iso(r['created_ms'])}"
+                + (f"  revoked {_iso(r['revoked_ms'])}" if r["revoked_ms"] else "")))
+        return EXIT_OK
+
+    return await _with_db(settings, job)
+
+
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, empty: str,
                 line: Callable[[dict[str, Any]], str]) -> None:
     """A listing as JSON, or a line a row."""
@@ -321,6 +352,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             return await _report(settings, args)
         case "deliveries":
             return await _deliveries(settings, args)
+        case "token":
+            return await _token(settings, args)
         case "simulate" | "bench":
             from simulator.cli import run_simulator_command
 

@@ -30,6 +30,7 @@ from registry.cases import report_theft
 from registry.db import open_database
 from registry.imports import import_stations, import_vehicles
 from registry.tags import format_tag
+from registry.tokens import create_token
 from simulator.publisher import StationPublisher
 from simulator.run import drive
 from simulator.town import Town
@@ -122,7 +123,12 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                                return_when=asyncio.FIRST_COMPLETED)
             if run.done():
                 return 2
-            console.print(f"metrics and API on http://{settings.http}/metrics")
+            ops = await create_token(engine, "ops", "demo-ops", wall_ms())
+            police_token = await create_token(engine, "police", "demo-police", wall_ms())
+            console.print(f"API and /metrics on http://{settings.http} (docs at /docs); "
+                          f"tokens: ops {ops}, police {police_token}\n"
+                          f"  curl -H 'Authorization: Bearer {ops}' "
+                          f"http://{settings.http}/metrics")
             police = await asyncio.to_thread(_police, settings, alerts, loop)
             pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root,
                                    binary_share=0.7)

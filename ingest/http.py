@@ -1,7 +1,8 @@
-"""The HTTP API on BIKEWATCH_HTTP: `/metrics` (Prometheus text) and the operator reads.
+"""The HTTP API on BIKEWATCH_HTTP: `/metrics` (Prometheus text), the operators' and
+police's reads and case actions, and the admin's tokens.
 
-The registry's full API, with tokens and roles, is the registry issue's; here
-are the endpoints the core pipeline owes its operators.
+Every route but `/healthz` and the OpenAPI document needs a bearer token of the
+roles it names (`ingest.access`); errors are `{"code", "message"}` JSON.
 """
 
 from __future__ import annotations
@@ -11,32 +12,38 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Header, HTTPException, Query, Response
+from fastapi import FastAPI, Header, Query, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.stream import AlertStream
+from ingest.access import ApiError, install_errors, require
 from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.reports import as_csv, as_json, as_table, uptime_for
 from registry.cases import acknowledge_alert, acknowledge_case, recover_theft
-from registry.errors import Refused
+from registry.errors import Invalid, NotFound, Refused
 from registry.imports import NAME_RE
 from registry.queries import case_detail, list_cases, list_deliveries, list_rejects, trajectory
 from registry.tags import BadTag, parse_tag
+from registry.tokens import ROLES, Principal, create_token, list_tokens, revoke_token
 
 
 def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: Settings,
               clock: Clock = wall_ms, stream: AlertStream | None = None,
               stop: asyncio.Event | None = None) -> FastAPI:
     app = FastAPI(title="bikewatch", version="1")
+    app.state.engine = engine
+    install_errors(app)
+    ops, police = require("ops"), require("police")
+    admin = require("admin")
     stream = stream or AlertStream(engine)
     stop = stop or asyncio.Event()
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[ops])
     async def metrics() -> Response:
         # On the event loop, where station health changes: the scrape sees one state.
         return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)
@@ -45,20 +52,20 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/api/v1/rejects")
+    @app.get("/api/v1/rejects", dependencies=[ops])
     async def rejects(limit: int = Query(50, ge=1, le=10_000), reason: str | None = None,
                       station: str | None = None) -> list[dict[str, Any]]:
         if reason is not None and reason not in {r.value for r in Reason}:
-            raise HTTPException(400, f"unknown reason {reason!r}")
+            raise ApiError(400, f"unknown reason {reason[:40]!r}")
         return await list_rejects(engine, limit, reason, station)
 
-    @app.get("/api/v1/trajectory/{tag}")
+    @app.get("/api/v1/trajectory/{tag}", dependencies=[police])
     async def get_trajectory(tag: str, since_ms: int = Query(0, ge=0),
                              ) -> list[dict[str, Any]]:
         try:
             value = parse_tag(tag)
         except BadTag as exc:
-            raise HTTPException(400, str(exc)) from None
+            raise ApiError(400, str(exc)) from None
         return await trajectory(engine, value, since_ms)
 
     @app.get("/api/v1/alerts/stream", response_model=None)
@@ -68,71 +75,94 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
             last_event_id: str | None = Header(None, description="resume after this alert"),
             after: str | None = Query(None, description="resume after this alert_id "
                                       "(for clients that cannot set Last-Event-ID)"),
+            who: Principal = police,
     ) -> StreamingResponse:
         zones = zone or []
         bad = [z for z in zones if not NAME_RE.fullmatch(z)]
         if bad:
-            raise HTTPException(400, f"bad zone {bad[0][:70]!r}")
+            raise ApiError(400, f"bad zone {bad[0][:70]!r}")
+        if who.zones is not None:  # a token limited to zones sees those only
+            if outside := sorted(set(zones) - who.zones):
+                raise ApiError(403, f"this token is not for zone {outside[0]!r}")
+            zones = zones or sorted(who.zones)
         body = stream.events(last_event_id or after, zones, stop, clock())
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
-    @app.get("/api/v1/cases")
+    @app.get("/api/v1/cases", dependencies=[police])
     async def cases(status: str = Query("open", pattern="^(open|recovered|all)$"),
                     limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
         """Cases with their latest alert, newest report first."""
         return await list_cases(engine, status, limit)
 
-    @app.get("/api/v1/cases/{case_id}")
+    @app.get("/api/v1/cases/{case_id}", dependencies=[police])
     async def case(case_id: str) -> dict[str, Any]:
         """One case: its full trajectory since the theft, its alerts, who changed what."""
         found = await case_detail(engine, case_id)
         if found is None:
-            raise HTTPException(404, f"unknown case {case_id[:70]!r}")
+            raise ApiError(404, f"unknown case {case_id[:70]!r}")
         return found
 
     @app.post("/api/v1/cases/{case_id}/ack")
-    async def ack_case(case_id: str, body: Actor) -> dict[str, Any]:
+    async def ack_case(case_id: str, body: Actor, who: Principal = police) -> dict[str, Any]:
         """A patrol takes the case on; it keeps raising alerts."""
-        result = await _refusable(acknowledge_case(engine, case_id, body.by, clock(),
+        result = await _refusable(acknowledge_case(engine, case_id, body.actor(who), clock(),
                                                    body.note))
         return {"case_id": case_id, "message": result.message}
 
     @app.post("/api/v1/cases/{case_id}/recover")
-    async def recover(case_id: str, body: Actor) -> dict[str, Any]:
+    async def recover(case_id: str, body: Actor, who: Principal = police) -> dict[str, Any]:
         """The bike is back: no more alerts for this case."""
-        result = await _refusable(recover_theft(engine, case_id, clock(), body.by, body.note))
+        result = await _refusable(recover_theft(engine, case_id, clock(), body.actor(who),
+                                                body.note))
         return {"case_id": case_id, "changed": result.changed, "message": result.message}
 
     @app.post("/api/v1/alerts/{alert_id}/ack")
-    async def ack_alert(alert_id: str, body: Actor) -> dict[str, Any]:
-        case_id = await _refusable(acknowledge_alert(engine, alert_id, body.by, clock(),
-                                                     body.note))
+    async def ack_alert(alert_id: str, body: Actor, who: Principal = police,
+                        ) -> dict[str, Any]:
+        case_id = await _refusable(acknowledge_alert(engine, alert_id, body.actor(who),
+                                                     clock(), body.note))
         return {"alert_id": alert_id, "case_id": case_id}
 
-    @app.get("/api/v1/deliveries")
+    @app.get("/api/v1/deliveries", dependencies=[ops])
     async def deliveries(state: str | None = Query(None, pattern="^(pending|delivered|dead)$"),
                          webhook: str | None = None,
                          limit: int = Query(50, ge=1, le=10_000)) -> list[dict[str, Any]]:
         return await list_deliveries(engine, state, webhook, limit)
 
-    @app.get("/api/v1/reports/uptime", response_model=None)
+    @app.get("/api/v1/reports/uptime", response_model=None, dependencies=[ops])
     async def report_uptime(
             from_: str | None = Query(None, alias="from", description="ISO 8601"),
             to: str | None = Query(None, description="ISO 8601"), zone: str | None = None,
             format: str = Query("json", pattern="^(json|csv|table)$"),
     ) -> dict[str, Any] | Response:
         try:
-            report = await uptime_for(engine, settings, from_, to, zone, clock())
+            report = await _refusable(uptime_for(engine, settings, from_, to, zone, clock()))
         except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
-        except Refused as exc:
-            raise HTTPException(404, str(exc)) from None
+            raise ApiError(400, str(exc)) from None
         if format == "csv":
             return PlainTextResponse(as_csv(report), media_type="text/csv")
         if format == "table":
             return PlainTextResponse(as_table(report))
         return as_json(report)
+
+    @app.get("/api/v1/tokens", dependencies=[admin])
+    async def tokens() -> list[dict[str, Any]]:
+        """Every token ever created, revoked ones too; never a secret."""
+        return await list_tokens(engine)
+
+    @app.post("/api/v1/tokens", status_code=201, dependencies=[admin])
+    async def new_token(body: NewToken) -> dict[str, Any]:
+        """A new token; its secret is in this answer and nowhere else, ever."""
+        secret = await _refusable(create_token(engine, body.role, body.name, clock(),
+                                               body.zones))
+        return {"name": body.name, "role": body.role, "zones": sorted(set(body.zones)),
+                "token": secret}
+
+    @app.delete("/api/v1/tokens/{name}", dependencies=[admin])
+    async def revoke(name: str) -> dict[str, Any]:
+        return {"name": name, "revoked": await _refusable(revoke_token(engine, name,
+                                                                       clock()))}
 
     return app
 
@@ -141,19 +171,30 @@ _T = TypeVar("_T")
 
 
 class Actor(BaseModel):
-    """Who makes a change (recorded with it), and why. Declared by the caller until API
-    tokens exist."""
+    """A change's note, and who at the token's desk makes it (recorded as
+    "<by> via <token>"; the token's name alone when `by` is not given)."""
 
-    by: str = Field(min_length=1, max_length=100)
+    by: str = Field("", max_length=60)
     note: str = Field("", max_length=500)
+
+    def actor(self, who: Principal) -> str:
+        return f"{self.by} via {who.name}"[:100] if self.by else who.name
+
+
+class NewToken(BaseModel):
+    role: str = Field(pattern="^(" + "|".join(ROLES) + ")$")
+    name: str = Field(min_length=1, max_length=100)
+    zones: list[str] = Field(default_factory=list, max_length=100,
+                             description="limits a police token to these zones")
 
 
 async def _refusable(change: Awaitable[_T]) -> _T:
-    """A refused change (unknown case, closed case) is a 404 or 409, not a 500."""
+    """A refused change is a 404 (unknown record), 400 (malformed) or 409, not a 500."""
     try:
         return await change
     except Refused as exc:
-        raise HTTPException(404 if str(exc).startswith("unknown") else 409, str(exc)) from None
+        status = 404 if isinstance(exc, NotFound) else 400 if isinstance(exc, Invalid) else 409
+        raise ApiError(status, str(exc)) from None
 
 
 def bind(address: tuple[str, int]) -> socket.socket:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.clock import parse_iso
 from ingest.config import Settings
 from registry.availability import StationUptime, UptimeReport, uptime_report
-from registry.errors import Refused
+from registry.errors import NotFound
 
 FORMATS = ("table", "csv", "json")
 DEFAULT_WINDOW_MS = 30 * 86_400_000
@@ -25,7 +25,7 @@ CSV_COLUMNS = ("scope", "id", "zone", "stations", "availability", "target", "gap
 
 async def uptime_for(engine: AsyncEngine, settings: Settings, from_text: str | None,
                      to_text: str | None, zone: str | None, now_ms: int) -> UptimeReport:
-    """The report for ISO times as people give them; ValueError for a bad window, Refused
+    """The report for ISO times as people give them; ValueError for a bad window, NotFound
     for a zone without stations."""
     to_ms = parse_iso(to_text, settings.tz) if to_text else now_ms
     from_ms = parse_iso(from_text, settings.tz) if from_text else to_ms - DEFAULT_WINDOW_MS
@@ -35,7 +35,7 @@ async def uptime_for(engine: AsyncEngine, settings: Settings, from_text: str | N
                                  flap_limit=settings.flap_transitions,
                                  flap_window_ms=int(settings.flap_window_s * 1000))
     if zone is not None and not report.stations:
-        raise Refused(f"no station of zone {zone!r} was provisioned in the window")
+        raise NotFound(f"no station of zone {zone!r} was provisioned in the window")
     return report
 
 

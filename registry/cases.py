@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from registry.errors import Refused
+from registry.errors import Invalid, NotFound, Refused
 from registry.imports import NAME_RE, bump_version
 from registry.models import Alert, CaseEvent, TheftCase, Vehicle
 from registry.tags import format_tag, from_db, to_db
@@ -26,13 +26,13 @@ async def report_theft(engine: AsyncEngine, tag: int, case_id: str, stolen_ms: i
                        now_ms: int, actor: str = "cli") -> CaseResult:
     """Open a case. Reporting the same open case again changes nothing."""
     if not NAME_RE.fullmatch(case_id):
-        raise Refused(f"bad case id {case_id[:70]!r}: use letters, digits, '.', '_' or '-'")
+        raise Invalid(f"bad case id {case_id[:70]!r}: use letters, digits, '.', '_' or '-'")
     if stolen_ms > now_ms + 60_000:
-        raise Refused("--stolen-at lies in the future")
+        raise Invalid("--stolen-at lies in the future")
     async with engine.begin() as conn:
         registered = await conn.execute(select(Vehicle.tag).where(Vehicle.tag == to_db(tag)))
         if registered.first() is None:
-            raise Refused(f"tag {format_tag(tag)} is not registered")
+            raise NotFound(f"tag {format_tag(tag)} is not registered")
         same = (await conn.execute(select(TheftCase.tag, TheftCase.status)
                                    .where(TheftCase.case_id == case_id))).first()
         if same is not None:
@@ -92,7 +92,7 @@ async def acknowledge_alert(engine: AsyncEngine, alert_id: str, actor: str, now_
         row = (await conn.execute(select(Alert.case_id)
                                   .where(Alert.alert_id == alert_id))).first()
         if row is None:
-            raise Refused(f"unknown alert {alert_id[:40]!r}")
+            raise NotFound(f"unknown alert {alert_id[:40]!r}")
         await conn.execute(update(Alert).where(Alert.alert_id == alert_id)
                            .values(acked_ms=now_ms, acked_by=actor))
         case_id = row.case_id or None
@@ -105,7 +105,7 @@ async def _case(conn: AsyncConnection, case_id: str) -> Any:
     row = (await conn.execute(select(TheftCase.tag, TheftCase.status)
                               .where(TheftCase.case_id == case_id))).first()
     if row is None:
-        raise Refused(f"unknown case {case_id[:70]!r}")
+        raise NotFound(f"unknown case {case_id[:70]!r}")
     return row
 
 

@@ -1,8 +1,10 @@
 """Errors of the registry package.
 
     RegistryError
-    ├── Refused        a request the registry will not carry out (unknown case, tag
-    │                  not registered, bad CSV rows); the command line exits 1
+    ├── Refused        a request the registry will not carry out (a closed case, a tag
+    │   │              already stolen); the command line exits 1, the API answers 409
+    │   ├── NotFound   the record named does not exist (API: 404)
+    │   └── Invalid    the request itself is malformed (API: 400)
     └── StoreError     the database cannot be used at all; exit 2, naming BIKEWATCH_DB_URL
 """
 
@@ -19,3 +21,11 @@ class Refused(RegistryError):
 
 class StoreError(RegistryError):
     """The database cannot be used; the message names the setting."""
+
+
+class NotFound(Refused):
+    """The record the request names does not exist."""
+
+
+class Invalid(Refused):
+    """The request is malformed: a bad id, a missing CSV column, a bad value."""

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from registry.errors import Refused
+from registry.errors import Invalid
 from registry.models import RegistryVersion, Station, Vehicle
 from registry.tags import BadTag, parse_tag, to_db
 
@@ -92,7 +92,7 @@ def parse_csv(text: str, columns: tuple[str, ...], key: str,
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in columns if c not in (reader.fieldnames or ())]
     if missing:
-        raise Refused(f"the header lacks the column(s) {', '.join(missing)}; "
+        raise Invalid(f"the header lacks the column(s) {', '.join(missing)}; "
                       f"expected {','.join(columns)}")
     rows: dict[Any, dict[str, Any]] = {}
     first_line: dict[Any, int] = {}

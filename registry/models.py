@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Float,
     ForeignKey,
     Index,
@@ -114,6 +115,39 @@ class CaseEvent(Base):
     action: Mapped[str] = mapped_column(String(32))  # opened | acknowledged | recovered
     alert_id: Mapped[str | None] = mapped_column(String(26))  # an alert acknowledged
     note: Mapped[str] = mapped_column(String(500), default="")
+
+
+class ApiToken(Base):
+    """An HTTP API token (`bikewatch token create`). Only the SHA-256 of the secret is
+    kept: the secret is shown once, at creation. One role per token."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # clerk | police | ops | admin
+    zones: Mapped[str] = mapped_column(String(1000), default="")  # comma-separated; "": all
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_ms: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (
+        CheckConstraint("role IN ('clerk', 'police', 'ops', 'admin')", name="role"),
+    )
+
+
+class AuditEntry(Base):
+    """Every read of unmasked personal data: who, in which role, when, which record,
+    and why if the caller said. Appended, never changed; read by `admin`."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    actor: Mapped[str] = mapped_column(String(100))   # the token's name
+    role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))   # read_personal_data, ...
+    record: Mapped[str] = mapped_column(String(100))  # vehicle:00a1b2c3, case:LH-1
+    reason: Mapped[str] = mapped_column(String(500), default="")
 
 
 class RegistryVersion(Base):

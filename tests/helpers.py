@@ -22,6 +22,7 @@ from ingest.service import Worker
 from registry.cases import report_theft
 from registry.db import open_database
 from registry.imports import import_stations, import_vehicles
+from registry.tokens import create_token
 from simulator.publisher import StationPublisher
 
 
@@ -33,6 +34,18 @@ def settings_for(broker: BrokerHandle, db_url: str, **extra: str) -> Settings:
         "BIKEWATCH_CLIENT_ID": f"worker-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}",
     } | extra
     return Settings.load(None, env)
+
+
+async def bearer(db_url: str, role: str, zones: list[str] | None = None,
+                 name: str | None = None) -> dict[str, str]:
+    """HTTP headers with a new token of `role` (limited to `zones`)."""
+    engine = await open_database(db_url)
+    try:
+        secret = await create_token(engine, role, name or f"{role}-{uuid.uuid4().hex[:8]}",
+                                    wall_ms(), zones)
+    finally:
+        await engine.dispose()
+    return {"authorization": f"Bearer {secret}"}
 
 
 @contextlib.asynccontextmanager

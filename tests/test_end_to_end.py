@@ -21,6 +21,7 @@ from tests.helpers import (
     STOLEN,
     VEHICLES,
     Police,
+    bearer,
     metric,
     publisher,
     running_worker,
@@ -152,12 +153,18 @@ class TestIntake:
             rejects = await list_rejects(worker.engine)
             assert {r["reason"] for r in rejects} == {"bad_format", "bad_json",
                                                       "station_mismatch", "bad_tag"}
-            async with httpx.AsyncClient(base_url=f"http://{settings.http}") as http:
+            ops_token = await bearer(settings.db_url, "ops")
+            async with httpx.AsyncClient(base_url=f"http://{settings.http}",
+                                         headers=ops_token) as http:
                 text = (await http.get("/metrics")).text
                 assert 'bikewatch_rejected_total{reason="bad_json"} 1.0' in text
+                assert (await http.get("/metrics", headers={"authorization": ""})
+                        ).status_code == 401
                 api = (await http.get("/api/v1/rejects", params={"reason": "bad_tag"})).json()
                 assert [r["reads"] for r in api] == [1]
-                assert (await http.get("/api/v1/trajectory/0x1")).status_code == 400
+                bad = await http.get("/api/v1/trajectory/0x1",
+                                     headers=await bearer(settings.db_url, "police"))
+                assert (bad.status_code, bad.json()["code"]) == (400, "bad_request")
 
 
 class TestStationUptime:
@@ -196,7 +203,8 @@ class TestStationUptime:
             # stored: SP-0040 and SP-0042 provisioned, SP-0040 silent, then offline
             assert await until(lambda: _metric(worker, "bikewatch_station_transitions_total",
                                                zone="shangpan", to="down") == 4)
-            async with httpx.AsyncClient(base_url=f"http://{settings.http}") as http:
+            async with httpx.AsyncClient(base_url=f"http://{settings.http}",
+                                         headers=await bearer(settings.db_url, "ops")) as http:
                 report = (await http.get("/api/v1/reports/uptime")).json()
                 csv_text = (await http.get("/api/v1/reports/uptime",
                                            params={"format": "csv"})).text
@@ -360,7 +368,9 @@ class TestCaseLifecycle:
             pub.reads("SP-0040", np.array([STOLEN], np.uint64), np.array([t0]),
                       np.array([-50]), t0)
             first = (await police.wait_for(1))[0]
-            async with httpx.AsyncClient(base_url=f"http://{settings.http}") as http:
+            async with httpx.AsyncClient(base_url=f"http://{settings.http}",
+                                         headers=await bearer(settings.db_url, "police",
+                                                              name="dispatch")) as http:
                 listed = (await http.get("/api/v1/cases")).json()
                 assert [(c["case_id"], c["latest_alert"]["alert_id"]) for c in listed] == [
                     ("LH-2026-0042", first["alert_id"])]
@@ -386,16 +396,18 @@ class TestCaseLifecycle:
                     (await http.post("/api/v1/cases/LH-404/ack", json={"by": "x"})).status_code,
                     (await http.post("/api/v1/cases/LH-2026-0042/ack",
                                      json={"by": "x"})).status_code,
-                    (await http.post("/api/v1/cases/LH-2026-0042/ack", json={})).status_code,
+                    (await http.post("/api/v1/cases/LH-2026-0042/ack",
+                                     json={"by": 7})).status_code,
                     (await http.get("/api/v1/cases/LH-404")).status_code]
         assert len(police.alerts) == 2  # recovered: quiet
         assert (detail["status"], detail["acked_by"], detail["updates"]) == (
-            "recovered", "patrol 7", 2)
+            "recovered", "patrol 7 via dispatch", 2)
         assert [v["station"] for v in detail["trajectory"]][:2] == ["SP-0040", "SP-0042"]
         assert [(a["update"], a["acked_by"]) for a in detail["alerts"]] == [
-            (1, None), (2, "patrol 7")]
+            (1, None), (2, "patrol 7 via dispatch")]
         assert [(e["action"], e["actor"], e["alert_id"]) for e in detail["events"]] == [
-            ("opened", "cli", None), ("acknowledged", "patrol 7", None),
-            ("acknowledged", "patrol 7", second["alert_id"]), ("recovered", "officer Li", None)]
+            ("opened", "cli", None), ("acknowledged", "patrol 7 via dispatch", None),
+            ("acknowledged", "patrol 7 via dispatch", second["alert_id"]),
+            ("recovered", "officer Li via dispatch", None)]
         assert detail["events"][3]["note"] == "found at market"
         assert refusals == [404, 409, 422, 404]

@@ -123,3 +123,16 @@ class TestDocumentNamesOnlyWhatExists:
         names = {f"BIKEWATCH_{k.upper()}" for k in Settings.__dataclass_fields__}
         named = set(re.findall(r"`(BIKEWATCH_[A-Z_]+)`", DOC))
         assert named == names, named ^ names
+
+    def test_http_paths(self) -> None:
+        from fastapi.routing import APIRoute
+
+        from ingest.http import build_app
+
+        app = build_app(None, lambda: b"", Settings.load(None, {}))  # type: ignore[arg-type]
+        served = {f"{m} {r.path}" for r in app.routes if isinstance(r, APIRoute)
+                  for m in r.methods} | {"GET /openapi.json"}
+        section = DOC[DOC.index("### Paths"):DOC.index("## Metrics")]
+        named = {m.group(1) for m in re.finditer(
+            r"^\| `((?:GET|POST|PUT|PATCH|DELETE) /[^?` ]*)", section, re.M)}
+        assert named == served, named ^ served

@@ -13,15 +13,24 @@ import pytest
 
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
-from tests.helpers import STOLEN, publisher, running_worker, settings_for, stage_registry, until
+from tests.helpers import (
+    STOLEN,
+    bearer,
+    publisher,
+    running_worker,
+    settings_for,
+    stage_registry,
+    until,
+)
 
 pytestmark = pytest.mark.broker
 
 
-async def _listen(base: str, out: list[dict[str, Any]], *, params: dict[str, str] | None = None,
+async def _listen(base: str, out: list[dict[str, Any]], token: dict[str, str], *,
+                  params: dict[str, str] | None = None,
                   headers: dict[str, str] | None = None) -> None:
     """Read the stream like a browser's EventSource, appending each alert event."""
-    async with httpx.AsyncClient(base_url=base, timeout=None) as http, \
+    async with httpx.AsyncClient(base_url=base, timeout=None, headers=token) as http, \
             http.stream("GET", "/api/v1/alerts/stream", params=params,
                         headers=headers) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -47,11 +56,14 @@ async def test_live_alerts_zones_and_resuming(broker: BrokerHandle, sqlite_url: 
     base = f"http://{settings.http}"
     shangpan: list[dict[str, Any]] = []
     xiaozhi: list[dict[str, Any]] = []
+    police = await bearer(sqlite_url, "police")
+    shangpan_only = await bearer(sqlite_url, "police", zones=["shangpan"])
     try:
         async with running_worker(settings) as worker:
             await until(lambda: len(worker.holder.current) == 1, 5)
-            listeners = [asyncio.create_task(_listen(base, shangpan, params={"zone": "shangpan"})),
-                         asyncio.create_task(_listen(base, xiaozhi, params={"zone": "xiaozhi"}))]
+            listeners = [asyncio.create_task(_listen(base, shangpan, shangpan_only)),
+                         asyncio.create_task(_listen(base, xiaozhi, police,
+                                                     params={"zone": "xiaozhi"}))]
             await asyncio.sleep(0.5)
             t = wall_ms()
             _sighting(pub, "SP-0040", t)
@@ -75,13 +87,18 @@ async def test_live_alerts_zones_and_resuming(broker: BrokerHandle, sqlite_url: 
             resumed: list[dict[str, Any]] = []
             every: list[dict[str, Any]] = []
             listeners = [
-                asyncio.create_task(_listen(base, resumed, headers={"last-event-id": first["id"]},
+                asyncio.create_task(_listen(base, resumed, police,
+                                            headers={"last-event-id": first["id"]},
                                             params={"zone": "shangpan"})),
-                asyncio.create_task(_listen(base, every, params={"after": first["id"]}))]
+                asyncio.create_task(_listen(base, every, police, params={"after": first["id"]}))]
             assert await until(lambda: len(resumed) == 1 and len(every) == 2)
             await asyncio.sleep(0.5)
-            async with httpx.AsyncClient(base_url=base) as http:
+            async with httpx.AsyncClient(base_url=base, headers=police) as http:
                 bad = await http.get("/api/v1/alerts/stream", params={"zone": "no zone!"})
+                other = await http.get("/api/v1/alerts/stream", params={"zone": "xiaozhi"},
+                                       headers=shangpan_only)
+                ops = await http.get("/api/v1/alerts/stream",
+                                     headers=await bearer(sqlite_url, "ops"))
         # the worker stopped with two streams open: they ended, it did not hang
         await asyncio.wait_for(asyncio.gather(*listeners, return_exceptions=True), 5)
     finally:
@@ -91,3 +108,4 @@ async def test_live_alerts_zones_and_resuming(broker: BrokerHandle, sqlite_url: 
     assert [e["alert"]["update"] for e in resumed] == [2]
     assert [e["alert"]["station"]["id"] for e in every] == ["SP-0042", "SP-0050"]
     assert bad.status_code == 400
+    assert (other.status_code, ops.status_code) == (403, 403)

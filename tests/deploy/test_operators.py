@@ -25,7 +25,7 @@ from registry.cases import report_theft
 from registry.db import open_database
 from registry.imports import import_stations, import_vehicles
 from tests.conftest import IN_CI
-from tests.helpers import publisher, running_worker, settings_for, until
+from tests.helpers import bearer, publisher, running_worker, settings_for, until
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yml"
@@ -70,9 +70,11 @@ def _fill(expr: str) -> str:
 
 
 class TestPromtool:
-    def test_config_and_rules_pass(self) -> None:
+    def test_config_and_rules_pass(self, tmp_path: Path) -> None:
         promtool = _tool("promtool")
-        for args in (["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        shutil.copytree(DEPLOY / "prometheus", tmp_path, dirs_exist_ok=True)
+        (tmp_path / "bikewatch.token").write_text("bw_the-ops-token")  # the operator's
+        for args in (["check", "config", str(tmp_path / "prometheus.yml")],
                      ["check", "rules", str(RULES)]):
             proc = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
             assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -133,14 +135,15 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
     binary = _tool("prometheus")
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(target: str) -> str:
+    def start(target: str, token: str) -> str:
         port = free_port()
         config = tmp_path / "prometheus.yml"
+        (tmp_path / "bikewatch.token").write_text(token)
+        shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+        job = shipped["scrape_configs"][0] | {"static_configs": [{"targets": [target]}]}
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "bikewatch",
-                                "static_configs": [{"targets": [target]}]}]}))
+            "rule_files": [str(RULES)], "scrape_configs": [job]}))
         procs.append(subprocess.Popen(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}"],
@@ -180,7 +183,8 @@ async def test_every_panel_and_rule_has_data_in_a_real_prometheus(
                 pub.status(sid, "online")
                 pub.heartbeat(sid, wall_ms())
             assert await until(lambda: worker.health.online_ratio() == 0.5)
-            base = prometheus_for(settings.http)
+            ops = await bearer(settings.db_url, "ops")
+            base = prometheus_for(settings.http, ops["authorization"].removeprefix("Bearer "))
             async with httpx.AsyncClient(base_url=base, timeout=5) as http:
                 async def scraped() -> bool:
                     try:

@@ -58,6 +58,24 @@ class TestRegistryCommands:
         assert "0 dead-lettered deliveries queued again" in bw("deliveries", "retry",
                                                                 env=env).stdout
 
+    def test_tokens_created_listed_revoked(self, env: dict[str, str]) -> None:
+        made = bw("token", "create", "--role", "police", "--name", "patrol east",
+                  "--zone", "east", env=env)
+        assert made.returncode == 0, made.stderr
+        secret = made.stdout.strip()
+        assert secret.startswith("bw_") and len(secret) > 40
+        listed = bw("token", "list", env=env).stdout
+        assert "patrol east" in listed and "east" in listed and secret not in listed
+        assert_clean_error(bw("token", "create", "--role", "police", "--name", "patrol east",
+                              env=env), 1, "exists")
+        assert_clean_error(bw("token", "create", "--role", "ops", "--name", "o", "--zone",
+                              "east", env=env), 1, "only a police token")
+        assert_clean_error(bw("token", "create", "--role", "boss", "--name", "b", env=env),
+                           2, "--role")
+        assert "revoked" in bw("token", "revoke", "patrol east", env=env).stdout
+        assert "already revoked" in bw("token", "revoke", "patrol east", env=env).stdout
+        assert_clean_error(bw("token", "revoke", "nobody", env=env), 1, "no token")
+
     @pytest.mark.parametrize("args", [
         ("theft", "report", "--tag", "0x12", "--case", "C"),
         ("theft", "report", "--tag", "12345678901234567", "--case", "C"),
