@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from alerts.geo import movement
 from alerts.ids import new_ulid
 from registry.models import Alert, Delivery, TheftCase, Vehicle, Visit
+from registry.snapshot import live_case
 from registry.sql import insert_ignore
 from registry.stations import StationInfo
 from registry.tags import format_tag, to_db
@@ -73,9 +74,10 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
     if inserted.first() is None:
         return None
     counted = (await conn.execute(
-        update(TheftCase).where(TheftCase.case_id == s.case_id, TheftCase.status == "open")
+        update(TheftCase).where(TheftCase.case_id == s.case_id, TheftCase.status == "open",
+                                live_case(now_ms))
         .values(updates=TheftCase.updates + 1).returning(TheftCase.updates))).first()
-    if counted is None:  # recovered between the snapshot and now: no alert
+    if counted is None:  # closed or expired between the snapshot and now: no alert
         await conn.execute(delete(Alert).where(Alert.alert_id == alert_id))
         return None
     vehicle = (await conn.execute(select(Vehicle.plate, Vehicle.brand, Vehicle.color)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +166,11 @@ async def _import(settings: Settings, kind: str, path: str) -> int:
     text = _read(path)
 
     async def job(engine: Any) -> int:
-        if kind == "stations":
-            report = await import_stations(engine, text, wall_ms())
-        else:
-            report = await import_vehicles(engine, text)
+        with _progress(f"importing {kind}", text.count("\n") - 1) as advance:
+            if kind == "stations":
+                report = await import_stations(engine, text, wall_ms(), settings.tz, advance)
+            else:
+                report = await import_vehicles(engine, text, settings.tz, advance)
         for line, why in report.errors:
             print(f"{path}:{line}: {why}", file=sys.stderr)
         print(report.summary(kind))
@@ -295,6 +297,22 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return await _with_db(settings, job)
+
+
+@contextlib.contextmanager
+def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for long jobs (none when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal or total < 10_000:
+        yield lambda _done: None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda done: bar.update(task, completed=done)
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, empty: str,

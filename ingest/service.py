@@ -268,11 +268,13 @@ class Worker:
 
     async def _refresh(self) -> None:
         """Swap in a new snapshot when the registry version moved (DESIGN.md decision 2)."""
+        now = self.clock()
+        expiry = self.holder.current.next_expiry_ms
         async with self.engine.connect() as conn:
             version = await registry_version(conn)
-            if version == self._version:
+            if version == self._version and (expiry is None or now < expiry):
                 return
-            snapshot = await load_stolen_set(conn)
+            snapshot = await load_stolen_set(conn, now)
             directory = await load_directory(conn)
             stored = await load_states(conn, self.health.unknown(directory), self.clock(),
                                        self.health.policy.flap_window_ms)

@@ -69,20 +69,22 @@ def create_engine(url: str) -> AsyncEngine:
         raise StoreError(f"BIKEWATCH_DB_URL: {exc}") from None
 
 
-def _upgrade(conn: Connection) -> None:
+def _upgrade(conn: Connection, revision: str = "head") -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = conn
-    command.upgrade(cfg, "head")
+    command.upgrade(cfg, revision)
 
 
-async def open_database(url: str, *, migrate: bool = True) -> AsyncEngine:
-    """Connect, migrate to head, and return the engine; `StoreError` if unusable."""
+async def open_database(url: str, *, migrate: bool = True, revision: str = "head",
+                        ) -> AsyncEngine:
+    """Connect, migrate to `revision` (tests of a migration stop short of head), and
+    return the engine; `StoreError` if unusable."""
     engine = create_engine(url)
     try:
         async with engine.begin() as conn:
             if migrate:
-                await conn.run_sync(_upgrade)
+                await conn.run_sync(_upgrade, revision)
     except (DBAPIError, OSError) as exc:
         await engine.dispose()
         first = str(getattr(exc, "orig", exc)).splitlines()[0][:200]

@@ -38,6 +38,23 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+class Zone(Base):
+    """A police zone: where alerts go (`{root}/alerts/{zone}`) and what a zone-limited
+    police token sees. Created by the station import when first named."""
+
+    __tablename__ = "zones"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+
+
+class Community(Base):
+    """A residential community: the unit of the registration-coverage figure."""
+
+    __tablename__ = "communities"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+
+
 class Station(Base):
     __tablename__ = "stations"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -54,6 +71,12 @@ class Station(Base):
     last_read_ms: Mapped[int | None] = mapped_column(BigInteger)  # last read batch
     # Heard-within timeout of this station; null: its zone's, else the fleet default.
     timeout_s: Mapped[float | None] = mapped_column(Float)
+    community: Mapped[str | None] = mapped_column(String(64), ForeignKey("communities.id"))
+    installed_ms: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (
+        CheckConstraint("lat IS NULL OR (lat >= -90 AND lat <= 90)", name="lat"),
+        CheckConstraint("lon IS NULL OR (lon >= -180 AND lon <= 180)", name="lon"),
+    )
 
 
 class StationTransition(Base):
@@ -72,28 +95,64 @@ class StationTransition(Base):
                       Index("ix_station_transitions_at", "at_ms"))
 
 
+class Owner(Base):
+    """A vehicle's owner: personal data, shown unmasked only to police and clerks, and
+    every such read audited (`registry.privacy`)."""
+
+    __tablename__ = "owners"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    phone: Mapped[str] = mapped_column(String(40), default="")
+    phone_key: Mapped[str] = mapped_column(String(40), default="", index=True)  # digits
+    id_number: Mapped[str] = mapped_column(String(32), default="")
+    __table_args__ = (
+        # One owner per resident ID number; owners without one may repeat.
+        Index("uq_owners_id_number", "id_number", unique=True,
+              sqlite_where=text("id_number <> ''"), postgresql_where=text("id_number <> ''")),
+    )
+
+
 class Vehicle(Base):
+    """A registered e-bike. The tag is the primary key: 64 bits, any value a valid tag
+    (`registry.tags`). `*_key` columns are the search keys of `registry.normalize`."""
+
     __tablename__ = "vehicles"
     tag: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     plate: Mapped[str] = mapped_column(String(32), default="")
-    owner_name: Mapped[str] = mapped_column(String(200), default="")
-    owner_phone: Mapped[str] = mapped_column(String(40), default="")
+    plate_key: Mapped[str] = mapped_column(String(32), default="", index=True)
+    frame_no: Mapped[str] = mapped_column(String(32), default="")
+    frame_key: Mapped[str] = mapped_column(String(32), default="", index=True)
     brand: Mapped[str] = mapped_column(String(64), default="")
+    model: Mapped[str] = mapped_column(String(64), default="")
     color: Mapped[str] = mapped_column(String(32), default="")
+    registered_ms: Mapped[int | None] = mapped_column(BigInteger)
+    community: Mapped[str | None] = mapped_column(String(64), ForeignKey("communities.id"),
+                                                  index=True)
+    owner_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("owners.id"),
+                                                 index=True)
 
 
 class TheftCase(Base):
     __tablename__ = "theft_cases"
     case_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tag: Mapped[int] = mapped_column(BigInteger, ForeignKey("vehicles.tag"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open | recovered
+    status: Mapped[str] = mapped_column(String(16), default="open")
     stolen_ms: Mapped[int] = mapped_column(BigInteger)
     reported_ms: Mapped[int] = mapped_column(BigInteger)
     closed_ms: Mapped[int | None] = mapped_column(BigInteger)
     updates: Mapped[int] = mapped_column(Integer, default=0)  # alerts raised so far
     acked_ms: Mapped[int | None] = mapped_column(BigInteger)   # a patrol took it on
     acked_by: Mapped[str | None] = mapped_column(String(100))
+    place: Mapped[str] = mapped_column(String(200), default="")        # where it was stolen
+    report_no: Mapped[str] = mapped_column(String(64), default="")     # police report number
+    police_unit: Mapped[str] = mapped_column(String(100), default="")  # who took the report
+    recovered_how: Mapped[str] = mapped_column(String(200), default="")
+    notes: Mapped[str] = mapped_column(String(2000), default="")
+    # After this the case raises no alerts (it stays open); null: never.
+    expires_ms: Mapped[int | None] = mapped_column(BigInteger)
     __table_args__ = (
+        CheckConstraint("status IN ('open', 'recovered', 'cancelled')", name="status"),
         # One open case per tag, enforced by the database (partial unique index).
         Index("uq_theft_cases_open_tag", "tag", unique=True,
               sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from registry.models import RegistryVersion, TheftCase
@@ -43,9 +43,13 @@ class StolenSet:
     case_ids: tuple[str, ...]
     _table: Bools = field(repr=False, compare=False)
     _shift: np.uint64 = field(repr=False, compare=False)
+    # When the earliest case in it expires: the snapshot is rebuilt then, unchanged registry
+    # or not. None: no case in it expires.
+    next_expiry_ms: int | None = None
 
     @classmethod
-    def build(cls, version: int, cases: list[tuple[int, int, str]]) -> StolenSet:
+    def build(cls, version: int, cases: list[tuple[int, int, str]],
+              next_expiry_ms: int | None = None) -> StolenSet:
         """From (tag, stolen_at_ms, case_id) rows, one per open case."""
         cases = sorted(cases)
         tags = np.array([c[0] for c in cases], dtype=np.uint64)
@@ -54,7 +58,7 @@ class StolenSet:
         shift = np.uint64(64 - log2)
         table[((tags * _MULT) >> shift).view(np.int64)] = True
         return cls(version, tags, np.array([c[1] for c in cases], dtype=np.int64),
-                   tuple(c[2] for c in cases), table, shift)
+                   tuple(c[2] for c in cases), table, shift, next_expiry_ms)
 
     @classmethod
     def empty(cls) -> StolenSet:
@@ -94,9 +98,18 @@ async def registry_version(conn: AsyncConnection) -> int:
     return int((await conn.execute(select(RegistryVersion.version))).scalar_one())
 
 
-async def load_stolen_set(conn: AsyncConnection) -> StolenSet:
-    """The open cases as one snapshot, read in one transaction with its version."""
+async def load_stolen_set(conn: AsyncConnection, now_ms: int) -> StolenSet:
+    """The open cases not expired at `now_ms` as one snapshot, read in one transaction
+    with its version."""
     version = await registry_version(conn)
-    rows = await conn.execute(select(TheftCase.tag, TheftCase.stolen_ms, TheftCase.case_id)
-                              .where(TheftCase.status == "open"))
-    return StolenSet.build(version, [(from_db(t), s, c) for t, s, c in rows])
+    rows = (await conn.execute(
+        select(TheftCase.tag, TheftCase.stolen_ms, TheftCase.case_id, TheftCase.expires_ms)
+        .where(TheftCase.status == "open", live_case(now_ms)))).all()
+    expiries = [r.expires_ms for r in rows if r.expires_ms is not None]
+    return StolenSet.build(version, [(from_db(r.tag), r.stolen_ms, r.case_id) for r in rows],
+                           min(expiries, default=None))
+
+
+def live_case(now_ms: int) -> ColumnElement[bool]:
+    """A case that has not expired: it still raises alerts."""
+    return or_(TheftCase.expires_ms.is_(None), TheftCase.expires_ms > now_ms)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -43,6 +43,28 @@ class TestMigrations:
     async def test_migrating_twice_is_harmless(self, db_url: str, engine: AsyncEngine) -> None:
         again = await open_database(db_url)
         await again.dispose()
+
+    async def test_owners_move_out_of_vehicles(self, db_url: str) -> None:
+        old = await open_database(db_url, revision="0008")
+        async with old.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO vehicles (tag, plate, owner_name, owner_phone, brand, color) "
+                "VALUES (1, 'ZJ-O1', 'Li Lei', '138 0000 1234', 'Yadea', 'white'), "
+                "(2, 'ZJ-2', 'Li Lei', '138 0000 1234', 'Niu', 'red'), "
+                "(3, 'ZJ-3', '', '', 'Niu', 'red')"))
+        await old.dispose()
+        engine = await open_database(db_url)
+        try:
+            async with engine.connect() as conn:
+                owners = (await conn.execute(text(
+                    "SELECT id, name, phone, phone_key FROM owners"))).all()
+                vehicles = (await conn.execute(text(
+                    "SELECT tag, owner_id, plate_key FROM vehicles ORDER BY tag"))).all()
+        finally:
+            await engine.dispose()
+        assert [tuple(o[1:]) for o in owners] == [("Li Lei", "138 0000 1234", "13800001234")]
+        assert [tuple(v) for v in vehicles] == [(1, owners[0][0], "2J01"),
+                                                (2, owners[0][0], "2J2"), (3, None, "2J3")]
 
     async def test_unusable_database_names_the_setting(self) -> None:
         with pytest.raises(StoreError, match="BIKEWATCH_DB_URL"):
@@ -102,14 +124,14 @@ class TestCases:
         await import_vehicles(engine, VEHICLES)
         await report_theft(engine, 0xFFFFFFFFFFFFFFFF, "LH-1", NOW - 1000, NOW)
         async with engine.connect() as conn:
-            snap = await load_stolen_set(conn)
+            snap = await load_stolen_set(conn, NOW)
         assert snap.tags.tolist() == [0xFFFFFFFFFFFFFFFF] and snap.case_ids == ("LH-1",)
         assert snap.stolen_at_ms.tolist() == [NOW - 1000]
         again = await report_theft(engine, 0xFFFFFFFFFFFFFFFF, "LH-1", NOW - 1000, NOW)
         assert not again.changed
         assert (await recover_theft(engine, "LH-1", NOW)).changed
         async with engine.connect() as conn:
-            after = await load_stolen_set(conn)
+            after = await load_stolen_set(conn, NOW)
         assert len(after) == 0 and after.version > snap.version
 
     async def test_refusals(self, engine: AsyncEngine) -> None:
