@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -23,12 +23,11 @@ from ingest.access import ApiError, install_errors, require
 from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
+from ingest.paging import Paged, Rows
+from ingest.registry_api import refusable, registry_routes, tag_of
 from ingest.reports import as_csv, as_json, as_table, uptime_for
-from registry.cases import acknowledge_alert, acknowledge_case, recover_theft
-from registry.errors import Invalid, NotFound, Refused
 from registry.imports import NAME_RE
-from registry.queries import case_detail, list_cases, list_deliveries, list_rejects, trajectory
-from registry.tags import BadTag, parse_tag
+from registry.queries import list_deliveries, list_rejects, trajectory
 from registry.tokens import ROLES, Principal, create_token, list_tokens, revoke_token
 
 
@@ -43,8 +42,9 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
     stream = stream or AlertStream(engine)
     stop = stop or asyncio.Event()
 
-    @app.get("/metrics", include_in_schema=False, dependencies=[ops])
+    @app.get("/metrics", dependencies=[ops], response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus text format (PROTOCOL.md section 5)."""
         # On the event loop, where station health changes: the scrape sees one state.
         return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
@@ -53,20 +53,15 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         return {"status": "ok"}
 
     @app.get("/api/v1/rejects", dependencies=[ops])
-    async def rejects(limit: int = Query(50, ge=1, le=10_000), reason: str | None = None,
-                      station: str | None = None) -> list[dict[str, Any]]:
+    async def rejects(page: Paged, reason: str | None = Query(None, max_length=40),
+                      station: str | None = Query(None, max_length=64)) -> Rows:
         if reason is not None and reason not in {r.value for r in Reason}:
-            raise ApiError(400, f"unknown reason {reason[:40]!r}")
-        return await list_rejects(engine, limit, reason, station)
+            raise ApiError(400, f"unknown reason {reason!r}")
+        return page(await list_rejects(engine, page.limit, reason, station, page.offset))
 
     @app.get("/api/v1/trajectory/{tag}", dependencies=[police])
-    async def get_trajectory(tag: str, since_ms: int = Query(0, ge=0),
-                             ) -> list[dict[str, Any]]:
-        try:
-            value = parse_tag(tag)
-        except BadTag as exc:
-            raise ApiError(400, str(exc)) from None
-        return await trajectory(engine, value, since_ms)
+    async def get_trajectory(tag: str, since_ms: int = Query(0, ge=0, le=2**53)) -> Rows:
+        return await trajectory(engine, tag_of(tag), since_ms)
 
     @app.get("/api/v1/alerts/stream", response_model=None)
     async def alert_stream(
@@ -89,46 +84,11 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
-    @app.get("/api/v1/cases", dependencies=[police])
-    async def cases(status: str = Query("open", pattern="^(open|recovered|all)$"),
-                    limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
-        """Cases with their latest alert, newest report first."""
-        return await list_cases(engine, status, limit)
-
-    @app.get("/api/v1/cases/{case_id}", dependencies=[police])
-    async def case(case_id: str) -> dict[str, Any]:
-        """One case: its full trajectory since the theft, its alerts, who changed what."""
-        found = await case_detail(engine, case_id)
-        if found is None:
-            raise ApiError(404, f"unknown case {case_id[:70]!r}")
-        return found
-
-    @app.post("/api/v1/cases/{case_id}/ack")
-    async def ack_case(case_id: str, body: Actor, who: Principal = police) -> dict[str, Any]:
-        """A patrol takes the case on; it keeps raising alerts."""
-        result = await _refusable(acknowledge_case(engine, case_id, body.actor(who), clock(),
-                                                   body.note))
-        return {"case_id": case_id, "message": result.message}
-
-    @app.post("/api/v1/cases/{case_id}/recover")
-    async def recover(case_id: str, body: Actor, who: Principal = police) -> dict[str, Any]:
-        """The bike is back: no more alerts for this case."""
-        result = await _refusable(recover_theft(engine, case_id, clock(), body.actor(who),
-                                                body.note))
-        return {"case_id": case_id, "changed": result.changed, "message": result.message}
-
-    @app.post("/api/v1/alerts/{alert_id}/ack")
-    async def ack_alert(alert_id: str, body: Actor, who: Principal = police,
-                        ) -> dict[str, Any]:
-        case_id = await _refusable(acknowledge_alert(engine, alert_id, body.actor(who),
-                                                     clock(), body.note))
-        return {"alert_id": alert_id, "case_id": case_id}
-
     @app.get("/api/v1/deliveries", dependencies=[ops])
-    async def deliveries(state: str | None = Query(None, pattern="^(pending|delivered|dead)$"),
-                         webhook: str | None = None,
-                         limit: int = Query(50, ge=1, le=10_000)) -> list[dict[str, Any]]:
-        return await list_deliveries(engine, state, webhook, limit)
+    async def deliveries(page: Paged,
+                         state: str | None = Query(None, pattern="^(pending|delivered|dead)$"),
+                         webhook: str | None = Query(None, max_length=64)) -> Rows:
+        return page(await list_deliveries(engine, state, webhook, page.limit, page.offset))
 
     @app.get("/api/v1/reports/uptime", response_model=None, dependencies=[ops])
     async def report_uptime(
@@ -137,7 +97,7 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
             format: str = Query("json", pattern="^(json|csv|table)$"),
     ) -> dict[str, Any] | Response:
         try:
-            report = await _refusable(uptime_for(engine, settings, from_, to, zone, clock()))
+            report = await refusable(uptime_for(engine, settings, from_, to, zone, clock()))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         if format == "csv":
@@ -154,31 +114,18 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
     @app.post("/api/v1/tokens", status_code=201, dependencies=[admin])
     async def new_token(body: NewToken) -> dict[str, Any]:
         """A new token; its secret is in this answer and nowhere else, ever."""
-        secret = await _refusable(create_token(engine, body.role, body.name, clock(),
+        secret = await refusable(create_token(engine, body.role, body.name, clock(),
                                                body.zones))
         return {"name": body.name, "role": body.role, "zones": sorted(set(body.zones)),
                 "token": secret}
 
     @app.delete("/api/v1/tokens/{name}", dependencies=[admin])
     async def revoke(name: str) -> dict[str, Any]:
-        return {"name": name, "revoked": await _refusable(revoke_token(engine, name,
+        return {"name": name, "revoked": await refusable(revoke_token(engine, name,
                                                                        clock()))}
 
+    app.include_router(registry_routes(engine, settings, clock))
     return app
-
-
-_T = TypeVar("_T")
-
-
-class Actor(BaseModel):
-    """A change's note, and who at the token's desk makes it (recorded as
-    "<by> via <token>"; the token's name alone when `by` is not given)."""
-
-    by: str = Field("", max_length=60)
-    note: str = Field("", max_length=500)
-
-    def actor(self, who: Principal) -> str:
-        return f"{self.by} via {who.name}"[:100] if self.by else who.name
 
 
 class NewToken(BaseModel):
@@ -186,15 +133,6 @@ class NewToken(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     zones: list[str] = Field(default_factory=list, max_length=100,
                              description="limits a police token to these zones")
-
-
-async def _refusable(change: Awaitable[_T]) -> _T:
-    """A refused change is a 404 (unknown record), 400 (malformed) or 409, not a 500."""
-    try:
-        return await change
-    except Refused as exc:
-        status = 404 if isinstance(exc, NotFound) else 400 if isinstance(exc, Invalid) else 409
-        raise ApiError(status, str(exc)) from None
 
 
 def bind(address: tuple[str, int]) -> socket.socket:

@@ -1,4 +1,5 @@
-"""Theft cases: report and recover (PROTOCOL.md section 4, `bikewatch theft`)."""
+"""Theft cases: report, change, recover, cancel, acknowledge (PROTOCOL.md section 4,
+`bikewatch theft`, and the HTTP API). Every change is a case event with who made it."""
 
 from __future__ import annotations
 
@@ -22,13 +23,30 @@ class CaseResult:
     message: str
 
 
+DETAILS = ("place", "report_no", "police_unit", "notes", "expires_ms")
+_LIMITS = {"place": 200, "report_no": 64, "police_unit": 100, "notes": 2000,
+           "recovered_how": 200}
+
+
+def _details(details: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(details) - set(DETAILS)
+    if unknown:
+        raise Invalid(f"a case has no field {sorted(unknown)[0]!r}")
+    for name, value in details.items():
+        if name in _LIMITS and len(value) > _LIMITS[name]:
+            raise Invalid(f"{name} is at most {_LIMITS[name]} characters")
+    return details
+
+
 async def report_theft(engine: AsyncEngine, tag: int, case_id: str, stolen_ms: int,
-                       now_ms: int, actor: str = "cli") -> CaseResult:
-    """Open a case. Reporting the same open case again changes nothing."""
+                       now_ms: int, actor: str = "cli", **details: Any) -> CaseResult:
+    """Open a case. Reporting the same open case again changes nothing. `details`:
+    place, report_no, police_unit, notes, expires_ms."""
     if not NAME_RE.fullmatch(case_id):
         raise Invalid(f"bad case id {case_id[:70]!r}: use letters, digits, '.', '_' or '-'")
     if stolen_ms > now_ms + 60_000:
-        raise Invalid("--stolen-at lies in the future")
+        raise Invalid("the theft time (--stolen-at) lies in the future")
+    _details(details)
     async with engine.begin() as conn:
         registered = await conn.execute(select(Vehicle.tag).where(Vehicle.tag == to_db(tag)))
         if registered.first() is None:
@@ -48,7 +66,7 @@ async def report_theft(engine: AsyncEngine, tag: int, case_id: str, stolen_ms: i
             raise Refused(f"tag {format_tag(tag)} is already reported stolen under case {other}")
         await conn.execute(insert(TheftCase).values(
             case_id=case_id, tag=to_db(tag), status="open", stolen_ms=stolen_ms,
-            reported_ms=now_ms, updates=0))
+            reported_ms=now_ms, updates=0, **details))
         await _event(conn, case_id, now_ms, actor, "opened")
         await bump_version(conn)
     return CaseResult(case_id, tag, True,
@@ -56,19 +74,57 @@ async def report_theft(engine: AsyncEngine, tag: int, case_id: str, stolen_ms: i
 
 
 async def recover_theft(engine: AsyncEngine, case_id: str, now_ms: int, actor: str = "cli",
-                        note: str = "") -> CaseResult:
+                        note: str = "", how: str = "") -> CaseResult:
     """Close a case as recovered; it raises no more alerts. Idempotent."""
+    if len(how) > _LIMITS["recovered_how"]:
+        raise Invalid(f"how is at most {_LIMITS['recovered_how']} characters")
+    return await _close(engine, case_id, "recovered", now_ms, actor, note,
+                        {"recovered_how": how})
+
+
+async def cancel_case(engine: AsyncEngine, case_id: str, now_ms: int, actor: str,
+                      note: str = "") -> CaseResult:
+    """Close a case reported in error (the bike was not stolen); no more alerts."""
+    return await _close(engine, case_id, "cancelled", now_ms, actor, note, {})
+
+
+async def _close(engine: AsyncEngine, case_id: str, status: str, now_ms: int, actor: str,
+                 note: str, values: dict[str, Any]) -> CaseResult:
     async with engine.begin() as conn:
         row = await _case(conn, case_id)
         tag = from_db(row.tag)
-        if row.status != "open":
+        if row.status == status:
             return CaseResult(case_id, tag, False, f"case {case_id} is already {row.status}")
+        if row.status != "open":
+            raise Refused(f"case {case_id} is {row.status}; only an open case is {status}")
         await conn.execute(update(TheftCase).where(TheftCase.case_id == case_id)
-                           .values(status="recovered", closed_ms=now_ms))
-        await _event(conn, case_id, now_ms, actor, "recovered", note=note)
+                           .values(status=status, closed_ms=now_ms, **values))
+        await _event(conn, case_id, now_ms, actor, status, note=note)
         await bump_version(conn)
     return CaseResult(case_id, tag, True,
-                      f"case {case_id} recovered: tag {format_tag(tag)} is off the stolen list")
+                      f"case {case_id} {status}: tag {format_tag(tag)} is off the stolen list")
+
+
+async def update_case(engine: AsyncEngine, case_id: str, changes: dict[str, Any],
+                      now_ms: int, actor: str, note: str = "") -> CaseResult:
+    """Change a case's details (place, report number, unit, notes, expiry). An open
+    case's new expiry reaches the workers with the registry version."""
+    _details(changes)
+    async with engine.begin() as conn:
+        row = await _case(conn, case_id)
+        current = (await conn.execute(select(*(getattr(TheftCase, f) for f in changes))
+                                      .where(TheftCase.case_id == case_id))).one()
+        changed = {f: v for f, v in zip(changes, current, strict=True) if changes[f] != v}
+        if not changed:
+            return CaseResult(case_id, from_db(row.tag), False, f"case {case_id} unchanged")
+        await conn.execute(update(TheftCase).where(TheftCase.case_id == case_id)
+                           .values({f: changes[f] for f in changed}))
+        await _event(conn, case_id, now_ms, actor, "updated",
+                     note=(note or "changed " + ", ".join(changed))[:500])
+        if "expires_ms" in changed and row.status == "open":
+            await bump_version(conn)
+    return CaseResult(case_id, from_db(row.tag), True,
+                      f"case {case_id} updated: {', '.join(changed)}")
 
 
 async def acknowledge_case(engine: AsyncEngine, case_id: str, actor: str, now_ms: int,

@@ -171,7 +171,8 @@ class CaseEvent(Base):
                                                 index=True)
     at_ms: Mapped[int] = mapped_column(BigInteger)
     actor: Mapped[str] = mapped_column(String(100))
-    action: Mapped[str] = mapped_column(String(32))  # opened | acknowledged | recovered
+    # opened | updated | acknowledged | recovered | cancelled
+    action: Mapped[str] = mapped_column(String(32))
     alert_id: Mapped[str | None] = mapped_column(String(26))  # an alert acknowledged
     note: Mapped[str] = mapped_column(String(500), default="")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, exists, func, select, true, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry.models import Alert, CaseEvent, Delivery, RejectRecord, Station, TheftCase, Visit
@@ -12,9 +13,9 @@ from registry.tags import format_tag, from_db, to_db
 
 
 async def list_rejects(engine: AsyncEngine, limit: int = 50, reason: str | None = None,
-                       station: str | None = None) -> list[dict[str, Any]]:
+                       station: str | None = None, offset: int = 0) -> list[dict[str, Any]]:
     """Newest first, with the first bytes of each payload shown safely."""
-    q = select(RejectRecord).order_by(RejectRecord.id.desc()).limit(limit)
+    q = select(RejectRecord).order_by(RejectRecord.id.desc()).limit(limit).offset(offset)
     if reason:
         q = q.where(RejectRecord.reason == reason)
     if station:
@@ -68,13 +69,14 @@ async def outbox_backlog(engine: AsyncEngine) -> tuple[dict[str, int], dict[str,
 
 
 async def list_deliveries(engine: AsyncEngine, state: str | None = None,
-                          webhook: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+                          webhook: str | None = None, limit: int = 50, offset: int = 0,
+                          ) -> list[dict[str, Any]]:
     """Webhook deliveries, newest alert first."""
     q = (select(Delivery.alert_id, Delivery.channel, Delivery.attempts, Delivery.created_ms,
                 Delivery.next_ms, Delivery.delivered_ms, Delivery.dead_ms, Delivery.last_error,
                 Alert.kind, Alert.case_id, Alert.zone)
          .join(Alert, Alert.alert_id == Delivery.alert_id)
-         .order_by(Delivery.id.desc()).limit(limit))
+         .order_by(Delivery.id.desc()).limit(limit).offset(offset))
     if webhook:
         q = q.where(Delivery.channel == webhook)
     if state == "pending":
@@ -103,13 +105,22 @@ async def requeue_dead(engine: AsyncEngine, now_ms: int, webhook: str | None = N
         return int((await conn.execute(q)).rowcount)
 
 
-CASE_STATES = ("open", "recovered", "all")
+CASE_STATES = ("open", "recovered", "cancelled", "all")
 
 
 def _case(r: Any) -> dict[str, Any]:
     return {"case_id": r.case_id, "tag": format_tag(from_db(r.tag)), "status": r.status,
             "stolen_ms": r.stolen_ms, "reported_ms": r.reported_ms, "closed_ms": r.closed_ms,
-            "updates": r.updates, "acked_ms": r.acked_ms, "acked_by": r.acked_by}
+            "updates": r.updates, "acked_ms": r.acked_ms, "acked_by": r.acked_by,
+            "place": r.place, "report_no": r.report_no, "police_unit": r.police_unit,
+            "notes": r.notes, "expires_ms": r.expires_ms, "recovered_how": r.recovered_how}
+
+
+def _in_zones(zones: Collection[str] | None) -> ColumnElement[bool]:
+    """A case seen in one of `zones` (an alert raised there); every case for None."""
+    if zones is None:
+        return true()
+    return exists().where(Alert.case_id == TheftCase.case_id, Alert.zone.in_(zones))
 
 
 def _alert(r: Any) -> dict[str, Any]:
@@ -120,9 +131,12 @@ def _alert(r: Any) -> dict[str, Any]:
 
 
 async def list_cases(engine: AsyncEngine, status: str = "open", limit: int = 100,
+                     offset: int = 0, zones: Collection[str] | None = None,
                      ) -> list[dict[str, Any]]:
-    """Cases, newest report first, each with its latest alert."""
-    q = select(TheftCase).order_by(TheftCase.reported_ms.desc()).limit(limit)
+    """Cases, newest report first, each with its latest alert; with `zones`, those
+    seen there only."""
+    q = (select(TheftCase).where(_in_zones(zones))
+         .order_by(TheftCase.reported_ms.desc(), TheftCase.case_id).limit(limit).offset(offset))
     if status != "all":
         q = q.where(TheftCase.status == status)
     async with engine.connect() as conn:
@@ -137,11 +151,13 @@ async def list_cases(engine: AsyncEngine, status: str = "open", limit: int = 100
                         if c.case_id in latest else None} for c in cases]
 
 
-async def case_detail(engine: AsyncEngine, case_id: str) -> dict[str, Any] | None:
-    """A case with its full trajectory since the theft, its alerts and who changed what."""
+async def case_detail(engine: AsyncEngine, case_id: str,
+                      zones: Collection[str] | None = None) -> dict[str, Any] | None:
+    """A case with its full trajectory since the theft, its alerts and who changed what;
+    None if there is no such case (or it was not seen in `zones`)."""
     async with engine.connect() as conn:
-        case = (await conn.execute(select(TheftCase).where(TheftCase.case_id == case_id))
-                ).first()
+        case = (await conn.execute(select(TheftCase).where(TheftCase.case_id == case_id,
+                                                           _in_zones(zones)))).first()
         if case is None:
             return None
         alerts = (await conn.execute(select(Alert).where(Alert.case_id == case_id)
