@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from alerts.geo import movement
 from alerts.ids import new_ulid
-from registry.models import Alert, Delivery, TheftCase, Vehicle, Visit
+from registry.models import Alert, Delivery, Owner, TheftCase, Vehicle, Visit
+from registry.privacy import owner_masked
 from registry.snapshot import live_case
 from registry.sql import insert_ignore
 from registry.stations import StationInfo
@@ -80,8 +81,7 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
     if counted is None:  # closed or expired between the snapshot and now: no alert
         await conn.execute(delete(Alert).where(Alert.alert_id == alert_id))
         return None
-    vehicle = (await conn.execute(select(Vehicle.plate, Vehicle.brand, Vehicle.color)
-                                  .where(Vehicle.tag == to_db(s.tag)))).first()
+    vehicle, owner = await _vehicle(conn, s.tag)
     visits = (await conn.execute(
         select(Visit.station, Visit.first_ms, Visit.last_ms)
         .where(Visit.tag == to_db(s.tag), Visit.last_ms >= s.stolen_ms,
@@ -95,8 +95,7 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
     doc: dict[str, Any] = {
         "v": 1, "alert_id": alert_id, "kind": KIND_STOLEN, "case_id": s.case_id,
         "update": counted.updates, "tag": format_tag(s.tag),
-        "vehicle": {"plate": vehicle.plate, "brand": vehicle.brand, "color": vehicle.color}
-        if vehicle else None,
+        "vehicle": vehicle, "owner": owner,
         "station": station.as_alert(),
         "seen_ms": s.visit_first_ms, "raised_ms": now_ms,
         "late": now_ms - s.visit_first_ms > late_after_ms,
@@ -149,6 +148,20 @@ class Flagged:
     prev: tuple[str, int, int] | None = None  # the visit before: station, first_ms, last_ms
 
 
+async def _vehicle(conn: AsyncConnection, tag: int,
+                   ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """The alert's `vehicle`, and its `owner` masked (`registry.privacy`): a channel
+    configured for full contact gets it filled in when it is sent."""
+    r = (await conn.execute(
+        select(Vehicle.plate, Vehicle.brand, Vehicle.color, Owner.name, Owner.phone)
+        .outerjoin(Owner, Owner.id == Vehicle.owner_id).where(Vehicle.tag == to_db(tag)))
+         ).first()
+    if r is None:
+        return None, None
+    owner = owner_masked(r.name, r.phone) if r.name or r.phone else None
+    return {"plate": r.plate, "brand": r.brand, "color": r.color}, owner
+
+
 async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str, StationInfo],
                         now_ms: int, late_after_ms: int,
                         webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
@@ -168,13 +181,11 @@ async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str
                               "first_ms": f.prev[1], "last_ms": f.prev[2]})
         speed, heading = movement((before.lat, before.lon, f.prev[2], before.id),
                                   (station.lat, station.lon, f.visit_first_ms, f.station))
-    vehicle = (await conn.execute(select(Vehicle.plate, Vehicle.brand, Vehicle.color)
-                                  .where(Vehicle.tag == to_db(f.tag)))).first()
+    vehicle, owner = await _vehicle(conn, f.tag)
     payload = orjson.dumps({
         "v": 1, "alert_id": alert_id, "kind": f.kind, "case_id": f.case_id, "update": None,
         "tag": format_tag(f.tag),
-        "vehicle": {"plate": vehicle.plate, "brand": vehicle.brand, "color": vehicle.color}
-        if vehicle else None,
+        "vehicle": vehicle, "owner": owner,
         "station": station.as_alert(), "seen_ms": f.visit_first_ms, "raised_ms": now_ms,
         "late": now_ms - f.visit_first_ms > late_after_ms, "trajectory": trajectory,
         "speed_kmh": speed, "heading_deg": heading, "next_stations": []})

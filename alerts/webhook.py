@@ -24,16 +24,20 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
+import orjson
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
 from ingest.config import WebhookReceiver
-from registry.models import Alert, Delivery
+from registry.models import Alert, Delivery, Owner, Vehicle
+from registry.privacy import audit
+from registry.tags import format_tag, from_db
+from registry.tokens import Principal
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,14 @@ class _Due:
     attempts: int
     created_ms: int
     payload: str
+    contact_of: str | None = None  # the vehicle whose owner it carries unmasked
+
+
+def _with_contact(payload: str, name: str, phone: str) -> str:
+    """The alert with its owner whole, for a receiver configured for full contact."""
+    doc = orjson.loads(payload)
+    doc["owner"] = {"name": name, "phone": phone}
+    return orjson.dumps(doc).decode()
 
 
 class WebhookSender:
@@ -109,7 +121,7 @@ class WebhookSender:
                 wake.clear()
                 stopping = asyncio.ensure_future(stop.wait())
                 try:
-                    due = [row for row in await self._due(r.name) if row.id not in posted]
+                    due = [row for row in await self._due(r) if row.id not in posted]
                     for row in due:
                         post = asyncio.ensure_future(self._post(r, http, row))
                         await asyncio.wait({post, stopping},
@@ -144,17 +156,28 @@ class WebhookSender:
         for row, _ in batch:
             posted.pop(row.id, None)
 
-    async def _due(self, name: str) -> list[_Due]:
+    async def _due(self, r: WebhookReceiver) -> list[_Due]:
+        q = (select(Delivery.id, Delivery.alert_id, Alert.kind, Delivery.attempts,
+                    Delivery.created_ms, Alert.payload, Alert.tag)
+             .join(Alert, Alert.alert_id == Delivery.alert_id)
+             .where(Delivery.channel == r.name, Delivery.delivered_ms.is_(None),
+                    Delivery.dead_ms.is_(None), Delivery.next_ms <= self.clock())
+             .order_by(Delivery.next_ms, Delivery.id).limit(BATCH))
+        if r.contact == "full":
+            q = (q.add_columns(Owner.name, Owner.phone)
+                 .outerjoin(Vehicle, Vehicle.tag == Alert.tag)
+                 .outerjoin(Owner, Owner.id == Vehicle.owner_id))
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(
-                select(Delivery.id, Delivery.alert_id, Alert.kind, Delivery.attempts,
-                       Delivery.created_ms, Alert.payload)
-                .join(Alert, Alert.alert_id == Delivery.alert_id)
-                .where(Delivery.channel == name, Delivery.delivered_ms.is_(None),
-                       Delivery.dead_ms.is_(None), Delivery.next_ms <= self.clock())
-                .order_by(Delivery.next_ms, Delivery.id).limit(BATCH))).all()
-        return [_Due(r.id, r.alert_id, r.kind, r.attempts, r.created_ms, r.payload)
-                for r in rows]
+            rows = (await conn.execute(q)).all()
+        out = []
+        for row in rows:
+            due = _Due(row.id, row.alert_id, row.kind, row.attempts, row.created_ms,
+                       row.payload)
+            if r.contact == "full" and (row.name or row.phone):
+                due = replace(due, payload=_with_contact(row.payload, row.name, row.phone),
+                              contact_of=f"vehicle:{format_tag(from_db(row.tag))}")
+            out.append(due)
+        return out
 
     async def _post(self, r: WebhookReceiver, http: httpx.AsyncClient, row: _Due) -> str | None:
         """None when delivered, else what went wrong."""
@@ -195,6 +218,10 @@ class WebhookSender:
                     attempts=bindparam("attempts"), last_error=bindparam("error"),
                     delivered_ms=bindparam("delivered"), dead_ms=bindparam("dead"),
                     next_ms=bindparam("next")), rows)
+            for row, _ in done:  # every attempt sent the owner whole: each is a read
+                if row.contact_of:
+                    await audit(conn, Principal(f"webhook:{name}", "police"),
+                                [row.contact_of], now, f"alert {row.alert_id}")
         for kind, result in results:
             self.on_result(name, kind, result)
 

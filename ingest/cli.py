@@ -380,12 +380,24 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
+# Database drivers and the HTTP client's wire trace log statements with their parameters,
+# result rows or request bodies at INFO and DEBUG: owners' phones among them.
+QUIET = ("sqlalchemy", "aiosqlite", "asyncpg", "httpcore")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our loggers at INFO with -v; the QUIET ones at WARNING whatever the level."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        setup_logging(args.verbose)
         settings = Settings.load(args.config, environ)
         return asyncio.run(_run(args, settings))
     except UsageError as exc:

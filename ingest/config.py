@@ -47,6 +47,9 @@ class WebhookReceiver:
     # receiver rotating its secret accepts either while both are listed.
     secrets: tuple[str, ...]
     zones: tuple[str, ...] = ("*",)  # the zones whose alerts it gets; "*" for all
+    # "masked": the owner as every channel carries it (138****1234); "full": name and phone
+    # whole, for a police system cleared for it, each delivery audited (registry.privacy).
+    contact: str = "masked"
 
     def serves(self, zone: str) -> bool:
         return "*" in self.zones or zone in self.zones
@@ -84,6 +87,8 @@ class Settings:
     # provisioning, 1.00 from a year later (the towns' plans).
     uptime_targets: tuple[tuple[str, float], ...] = ()
     dedupe_hours: float = 48.0        # contract: at least 24
+    # Sightings (station visits) are deleted after this, but those of open cases.
+    sighting_retention_days: float = 180.0
     # Alert webhooks: a TOML array of tables [[webhooks]], or a JSON array in the environment.
     webhooks: tuple[WebhookReceiver, ...] = ()
     webhook_timeout_s: float = 10.0   # per attempt
@@ -144,6 +149,8 @@ class Settings:
         names = [w.name for w in self.webhooks]
         if len(names) != len(set(names)):
             raise ConfigError("BIKEWATCH_WEBHOOKS", "two webhooks have the same name")
+        if self.sighting_retention_days < 1:
+            raise ConfigError("BIKEWATCH_SIGHTING_RETENTION_DAYS", "must be at least 1")
         if self.dedupe_hours < 24:
             raise ConfigError("BIKEWATCH_DEDUPE_HOURS", "must be at least 24 (PROTOCOL.md 2.4)")
         try:
@@ -249,8 +256,10 @@ def _webhooks(setting: str, raw: object) -> tuple[WebhookReceiver, ...]:
     out = []
     for i, item in enumerate(raw):
         where = f"webhook {i + 1}"
-        if not isinstance(item, dict) or set(item) - {"name", "url", "secrets", "zones"}:
-            raise ConfigError(setting, f"{where}: want a table of name, url, secrets, zones")
+        if not isinstance(item, dict) or set(item) - {"name", "url", "secrets", "zones",
+                                                      "contact"}:
+            raise ConfigError(setting, f"{where}: want a table of name, url, secrets, zones, "
+                                       "contact")
         name, url = item.get("name"), item.get("url")
         secrets, zones = item.get("secrets"), item.get("zones", ["*"])
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -265,7 +274,10 @@ def _webhooks(setting: str, raw: object) -> tuple[WebhookReceiver, ...]:
                 or not all(isinstance(z, str) and (z == "*" or _NAME.fullmatch(z))
                            for z in zones)):
             raise ConfigError(setting, f"{name}: zones must be a list of zone ids or \"*\"")
-        out.append(WebhookReceiver(name, url, tuple(secrets), tuple(zones)))
+        contact = item.get("contact", "masked")
+        if contact not in ("masked", "full"):
+            raise ConfigError(setting, f"{name}: contact is \"masked\" or \"full\"")
+        out.append(WebhookReceiver(name, url, tuple(secrets), tuple(zones), contact))
     return tuple(out)
 
 

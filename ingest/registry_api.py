@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.access import ApiError, require
 from ingest.clock import Clock
 from ingest.config import Settings
-from ingest.paging import Paged, Rows
+from ingest.paging import Page, Paged, Rows
 from registry.cases import (
     acknowledge_alert,
     acknowledge_case,
@@ -99,6 +99,16 @@ class NewVehicle(VehicleChange):
     tag: str = Field(max_length=40, description="the RFID tag, hex (PROTOCOL.md)")
 
 
+class VehicleSearch(BaseModel):
+    tag: str | None = Field(None, max_length=40)
+    plate: str | None = Field(None, max_length=64)
+    frame_no: str | None = Field(None, max_length=64)
+    phone: str | None = Field(None, max_length=40, description="the owner's (clerk, police)")
+    community: str | None = Field(None, pattern=NAME)
+    reason: str = Field("", max_length=500, description="why you read personal data; "
+                                                        "kept in the audit log")
+
+
 class CaseDetails(Actor):
     place: str | None = Field(None, max_length=200)
     report_no: str | None = Field(None, max_length=64)
@@ -156,19 +166,30 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
     async def vehicles(page: Paged, who: Principal = readers, tag: str | None = None,
                        plate: str | None = Query(None, max_length=64),
                        frame_no: str | None = Query(None, max_length=64),
-                       phone: str | None = Query(None, max_length=40,
-                                                 description="owner's phone (clerk, police)"),
                        community: str | None = Query(None, pattern=NAME),
                        reason: Reason = "") -> Rows:
-        """Search: every criterion given must match. Plates and frame numbers match with
-        look-alike characters folded (O and 0, I and 1, ...); phones by their digits."""
-        if phone is not None and who.role not in ("clerk", "police"):
+        """List or search: every criterion given must match. Plates and frame numbers
+        match with look-alike characters folded (O and 0, I and 1, ...). To search by
+        owner phone, POST /api/v1/vehicles/search: a phone has no place in a URL."""
+        return await _search(page, who, VehicleSearch(
+            tag=tag, plate=plate, frame_no=frame_no, phone=None, community=community,
+            reason=reason))
+
+    @api.post("/vehicles/search")
+    async def search(body: VehicleSearch, page: Paged, who: Principal = readers) -> Rows:
+        """As GET /api/v1/vehicles, and by owner phone (clerk, police; digits compared),
+        with the criteria in the body, out of URLs and so out of access logs."""
+        if body.phone is not None and who.role not in ("clerk", "police"):
             raise ApiError(403, "searching by owner phone needs a clerk or police token")
-        if tag is not None:
-            tag_of(tag)
+        return await _search(page, who, body)
+
+    async def _search(page: Page, who: Principal, q: VehicleSearch) -> Rows:
+        if q.tag is not None:
+            tag_of(q.tag)
         return page(await refusable(find_vehicles(
-            engine, who, clock(), tag=tag, plate=plate, frame_no=frame_no, phone=phone,
-            community=community, limit=page.limit, offset=page.offset, reason=reason)))
+            engine, who, clock(), tag=q.tag, plate=q.plate, frame_no=q.frame_no,
+            phone=q.phone, community=q.community, limit=page.limit, offset=page.offset,
+            reason=q.reason)))
 
     @api.post("/vehicles", status_code=201)
     async def new_vehicle(body: NewVehicle, who: Principal = clerk) -> dict[str, Any]:

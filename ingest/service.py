@@ -49,7 +49,9 @@ from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain, materialize
 from registry.db import open_database
 from registry.models import RejectRecord, SeenBatch
+from registry.notify import listen
 from registry.queries import outbox_backlog
+from registry.retention import forget_sightings
 from registry.snapshot import StolenSetHolder, load_stolen_set, registry_version
 from registry.stations import StationInfo, load_directory
 
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 0.25      # registry changes reach the hot path within a second (PROTOCOL.md 4)
 MAINTAIN_S = 30.0
+RETENTION_S = 3_600.0  # sightings past the retention are deleted hourly
 OPEN_VISITS_KEPT_MS = 10 * 60_000
 # Trajectories of bikes that are not stolen lag the reads by about this much; a longer
 # interval folds more of each visit's segments into one row before it is written.
@@ -131,16 +134,22 @@ class Worker:
             app = build_app(self.engine, self.metrics_text, self.settings, self.clock,
                             self.stream, self.stop)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+            changed = asyncio.Event()  # a registry change was announced
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
                 consume = tg.create_task(self._consume(inbox, link), name="consume")
                 # These stop by themselves once `stop` is set, between two transactions:
                 # a task cancelled inside one could leave SQLite's write lock taken.
                 others = [
-                    tg.create_task(self._every(REFRESH_S, self._refresh), name="refresh"),
+                    tg.create_task(self._every(REFRESH_S, self._refresh, changed),
+                                   name="refresh"),
+                    tg.create_task(listen(self.engine, changed.set, self.stop),
+                                   name="registry-notifications"),
                     tg.create_task(outbox.run(self.stop), name="outbox"),
                     tg.create_task(self.webhooks.run(self.stop), name="webhooks"),
                     tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
+                    tg.create_task(self._every(RETENTION_S, self.forget_sightings),
+                                   name="retention"),
                     tg.create_task(self._every(FORECAST_REFRESH_S, self._learn),
                                    name="forecast"),
                     tg.create_task(self._every(OUTBOX_GAUGES_S, self._outbox_gauges),
@@ -200,13 +209,18 @@ class Worker:
         self.webhooks.notify()
         self.stream.notify()
 
-    async def _every(self, seconds: float, job: Callable[[], object]) -> None:
-        """Run `job` every `seconds` until `stop` is set."""
+    async def _every(self, seconds: float, job: Callable[[], object],
+                     wake: asyncio.Event | None = None) -> None:
+        """Run `job` every `seconds`, and at once when `wake` is set, until `stop` is."""
         while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), seconds)
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.stop, wake) if e]
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
             if self.stop.is_set():
                 return
+            if wake is not None:
+                wake.clear()
             try:
                 await job()  # type: ignore[misc]
             except (DBAPIError, OSError) as exc:
@@ -311,6 +325,16 @@ class Worker:
         # Open visits older than this can no longer continue; only a late read could
         # still meet them, and the late path looks in the table anyway.
         self.pipeline.tracker.prune(now - OPEN_VISITS_KEPT_MS)
+
+
+    async def forget_sightings(self) -> int:
+        """Delete the sightings past the retention (registry.retention)."""
+        cutoff = self.clock() - int(self.settings.sighting_retention_days * 86_400_000)
+        deleted = await forget_sightings(self.engine, cutoff)
+        if deleted:
+            log.info("retention: %d sightings older than %g days deleted", deleted,
+                     self.settings.sighting_retention_days)
+        return deleted
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

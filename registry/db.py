@@ -49,6 +49,8 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 def create_engine(url: str) -> AsyncEngine:
+    """The engine for `url`. Statement parameters (owners' phones among them) never
+    appear in an error message or a log line: `hide_parameters`."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -60,11 +62,13 @@ def create_engine(url: str) -> AsyncEngine:
         if parsed.drivername.startswith("sqlite"):
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(parsed, connect_args={"timeout": 30})
+            engine = create_async_engine(parsed, connect_args={"timeout": 30},
+                                         hide_parameters=True)
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(engine.sync_engine, "begin", _sqlite_begin)
             return engine
-        return create_async_engine(parsed, pool_size=5, max_overflow=5, pool_pre_ping=True)
+        return create_async_engine(parsed, pool_size=5, max_overflow=5, pool_pre_ping=True,
+                                   hide_parameters=True)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise StoreError(f"BIKEWATCH_DB_URL: {exc}") from None
 

@@ -29,6 +29,7 @@ from ingest.clock import parse_iso
 from registry.errors import Invalid
 from registry.models import Community, Owner, RegistryVersion, Station, Vehicle, Zone
 from registry.normalize import phone_key, plate_key
+from registry.notify import announce
 from registry.tags import BadTag, parse_tag, to_db
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # station, zone and community ids
@@ -271,8 +272,11 @@ async def _upsert(conn: AsyncConnection, model: type[Station] | type[Vehicle], k
 
 
 async def bump_version(conn: AsyncConnection) -> None:
+    """Every change the workers must see bumps the version in its transaction; on
+    PostgreSQL the workers are told on commit (`registry.notify`)."""
     await conn.execute(update(RegistryVersion).where(RegistryVersion.id == 1)
                        .values(version=RegistryVersion.version + 1))
+    await announce(conn)
 
 
 async def write_stations(conn: AsyncConnection, rows: list[dict[str, Any]], now_ms: int,

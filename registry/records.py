@@ -148,8 +148,8 @@ async def update_vehicle(engine: AsyncEngine, tag: int, changes: Mapping[str, An
 def _checked_vehicle(fields: dict[str, Any]) -> dict[str, Any]:
     try:
         return vehicle_record(
-            fields.pop("tag"), fields.pop("plate", ""), fields.pop("brand", ""),
-            fields.pop("color", ""),
+            fields.pop("tag"), fields.pop("plate", None) or "", fields.pop("brand", None) or "",
+            fields.pop("color", None) or "",
             **{k: ("" if v is None and k != "registered_ms" else v) for k, v in fields.items()})
     except ValueError as exc:
         raise Invalid(str(exc)) from None

@@ -37,6 +37,7 @@ MATRIX: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/vehicles"): frozenset({"clerk", "police", "ops"}),
     ("GET", "/api/v1/vehicles/{tag}"): frozenset({"clerk", "police", "ops"}),
     ("POST", "/api/v1/vehicles"): frozenset({"clerk"}),
+    ("POST", "/api/v1/vehicles/search"): frozenset({"clerk", "police", "ops"}),
     ("PATCH", "/api/v1/vehicles/{tag}"): frozenset({"clerk"}),
     ("POST", "/api/v1/vehicles/import"): frozenset({"clerk"}),
     ("GET", "/api/v1/vehicles/export"): frozenset({"clerk"}),

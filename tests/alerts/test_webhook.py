@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 from standardwebhooks import Webhook
 
 from alerts.webhook import RETRY_CAP_MS, retry_delay_ms, sign
@@ -31,6 +32,8 @@ from ingest.config import Settings, WebhookReceiver
 from ingest.errors import ConfigError
 from ingest.service import Worker
 from registry.db import open_database
+from registry.models import Alert
+from registry.privacy import audit_log
 from registry.queries import list_deliveries, requeue_dead
 from simulator.publisher import StationPublisher
 from tests.helpers import (
@@ -114,6 +117,16 @@ async def _served(broker: BrokerHandle, url: str, **env: str,
         pub.close()
 
 
+async def _stored_payload(url: str, alert_id: str) -> str:
+    engine = await open_database(url)
+    try:
+        async with engine.connect() as conn:
+            return str((await conn.execute(select(Alert.payload).where(
+                Alert.alert_id == alert_id))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
 def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -180,6 +193,27 @@ class TestDelivery:
         assert xz.requests == []  # another zone's patrol
         assert [(r["webhook"], r["state"], r["attempts"]) for r in rows] == [
             ("police-sp", "delivered", 1)]
+
+    async def test_owner_masked_unless_the_receiver_is_cleared_and_then_audited(
+            self, broker: BrokerHandle, sqlite_url: str,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        masked, full = receivers
+        hooks = json.loads(_hooks(("masked", masked, ["*"]), ("dispatch", full, ["*"])))
+        hooks[1]["contact"] = "full"
+        async with _served(broker, sqlite_url, BIKEWATCH_WEBHOOKS=json.dumps(hooks)) as (
+                worker, pub):
+            _sighting(pub)
+            assert await until(lambda: len(masked.delivered()) == len(full.delivered()) == 1)
+            await asyncio.sleep(0.3)  # the delivery and its audit row are recorded
+            log = await audit_log(worker.engine)
+        plain = json.loads(masked.delivered()[0][1])
+        whole = Webhook(SECRET_NEW).verify(full.delivered()[0][1], full.delivered()[0][0])
+        assert plain["owner"] == {"name": "L*****", "phone": "138****1234"}
+        assert whole["owner"] == {"name": "Li Lei", "phone": "13800001234"}
+        stored = await _stored_payload(sqlite_url, plain["alert_id"])
+        assert "13800001234" not in stored and "138****1234" in stored
+        assert [(e["actor"], e["role"], e["record"], e["reason"]) for e in log] == [
+            ("webhook:dispatch", "police", "vehicle:00a1b2c3", f"alert {plain['alert_id']}")]
 
     async def test_a_receiver_down_gets_it_when_back_and_delays_no_other(
             self, broker: BrokerHandle, sqlite_url: str,
