@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     uptime.add_argument("--to", metavar="ISO8601", help="window end (default: now)")
     uptime.add_argument("--zone", help="one police zone only")
     uptime.add_argument("--format", choices=FORMATS, default="table")
+    registration = reports.add_parser(
+        "registration", help="per community: vehicles registered, heard, unknown tags heard")
+    registration.add_argument("--days", type=float, default=30,
+                              help="heard within this many days (default 30)")
+    registration.add_argument("--format", choices=FORMATS, default="table")
 
     token = sub.add_parser("token", help="HTTP API tokens").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -261,20 +266,26 @@ async def _deliveries(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _report(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.reports import as_csv, as_json, as_table, uptime_for
+    from ingest import reports
 
     async def job(engine: Any) -> int:
+        views: tuple[Callable[..., Any], ...]
         try:
-            report = await uptime_for(engine, settings, args.from_, args.to, args.zone,
-                                      wall_ms())
+            if args.action == "uptime":
+                report: Any = await reports.uptime_for(engine, settings, args.from_, args.to,
+                                                       args.zone, wall_ms())
+                views = (reports.as_json, reports.as_csv, reports.as_table)
+            else:
+                report = await reports.coverage_for(engine, args.days, wall_ms())
+                views = (reports.coverage_json, reports.coverage_csv, reports.coverage_table)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if args.format == "json":
-            print(json.dumps(as_json(report), indent=2))
+            print(json.dumps(views[0](report), indent=2))
         elif args.format == "csv":
-            print(as_csv(report), end="")
+            print(views[1](report), end="")
         else:
-            print(as_table(report, shutil.get_terminal_size((100, 24)).columns), end="")
+            print(views[2](report, shutil.get_terminal_size((100, 24)).columns), end="")
         return EXIT_OK
 
     return await _with_db(settings, job)

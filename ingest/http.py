@@ -25,7 +25,16 @@ from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.paging import Paged, Rows
 from ingest.registry_api import refusable, registry_routes, tag_of
-from ingest.reports import as_csv, as_json, as_table, uptime_for
+from ingest.reports import (
+    as_csv,
+    as_json,
+    as_table,
+    coverage_csv,
+    coverage_for,
+    coverage_json,
+    coverage_table,
+    uptime_for,
+)
 from registry.imports import NAME_RE
 from registry.queries import list_deliveries, list_rejects, trajectory
 from registry.tokens import ROLES, Principal, create_token, list_tokens, revoke_token
@@ -105,6 +114,20 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         if format == "table":
             return PlainTextResponse(as_table(report))
         return as_json(report)
+
+    @app.get("/api/v1/reports/registration", response_model=None,
+             dependencies=[require("ops", "clerk")])
+    async def report_registration(
+            days: float = Query(30, gt=0, le=3_650, description="heard within this many days"),
+            format: str = Query("json", pattern="^(json|csv|table)$"),
+    ) -> dict[str, Any] | Response:
+        """Per community: vehicles registered, heard in the window, unknown tags heard."""
+        report = await coverage_for(engine, days, clock())
+        if format == "csv":
+            return PlainTextResponse(coverage_csv(report), media_type="text/csv")
+        if format == "table":
+            return PlainTextResponse(coverage_table(report))
+        return coverage_json(report)
 
     @app.get("/api/v1/tokens", dependencies=[admin])
     async def tokens() -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
-"""The uptime report for people and programs: a terminal table, CSV, JSON
-(`bikewatch report uptime`, `GET /api/v1/reports/uptime`)."""
+"""Reports for people and programs, each as a terminal table, CSV and JSON: station
+uptime (`bikewatch report uptime`, `GET /api/v1/reports/uptime`) and registration
+coverage (`bikewatch report registration`, `GET /api/v1/reports/registration`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.clock import parse_iso
 from ingest.config import Settings
 from registry.availability import StationUptime, UptimeReport, uptime_report
+from registry.coverage import Coverage, coverage_report
 from registry.errors import NotFound
 
 FORMATS = ("table", "csv", "json")
@@ -122,5 +124,54 @@ def as_table(r: UptimeReport, width: int = 100) -> str:
         console.print(flap)
     else:
         console.print("No flapping station.")
+    assert isinstance(console.file, io.StringIO)
+    return console.file.getvalue()
+
+
+COVERAGE_COLUMNS = ("community", "registered", "heard", "heard_ratio", "unknown_tags")
+
+
+async def coverage_for(engine: AsyncEngine, days: float, now_ms: int) -> Coverage:
+    if not 0 < days <= 3_650:
+        raise ValueError(f"--days {days} is not in (0, 3650]")
+    return await coverage_report(engine, now_ms - int(days * 86_400_000), now_ms)
+
+
+def coverage_json(c: Coverage) -> dict[str, Any]:
+    def ratio(v: float | None) -> float | None:
+        return None if v is None else round(v, 6)
+
+    return {"from_ms": c.from_ms, "to_ms": c.to_ms, "from": _iso(c.from_ms),
+            "to": _iso(c.to_ms),
+            "town": {"registered": c.registered, "heard": c.heard,
+                     "heard_ratio": ratio(c.heard / c.registered if c.registered else None),
+                     "unknown_tags": c.unknown_tags},
+            "communities": [{"community": r.community, "registered": r.registered,
+                             "heard": r.heard, "heard_ratio": ratio(r.heard_ratio),
+                             "unknown_tags": r.unknown_tags} for r in c.communities]}
+
+
+def coverage_csv(c: Coverage) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(COVERAGE_COLUMNS)
+    for r in c.communities:
+        w.writerow((r.community, r.registered, r.heard,
+                    "" if r.heard_ratio is None else f"{r.heard_ratio:.6f}", r.unknown_tags))
+    return out.getvalue()
+
+
+def coverage_table(c: Coverage, width: int = 100) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    share = f"{c.heard / c.registered:.1%}" if c.registered else "-"
+    console.print(f"Registration coverage {_iso(c.from_ms)} to {_iso(c.to_ms)}")
+    console.print(f"Town: {c.registered} registered, {c.heard} heard ({share}), "
+                  f"{c.unknown_tags} unknown tags heard")
+    table = Table("community", "registered", "heard", "heard %", "unknown tags")
+    for r in c.communities:
+        table.add_row(r.community, str(r.registered), str(r.heard),
+                      "-" if r.heard_ratio is None else f"{r.heard_ratio:.1%}",
+                      str(r.unknown_tags))
+    console.print(table)
     assert isinstance(console.file, io.StringIO)
     return console.file.getvalue()

@@ -24,6 +24,7 @@ MATRIX: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/rejects"): frozenset({"ops"}),
     ("GET", "/api/v1/deliveries"): frozenset({"ops"}),
     ("GET", "/api/v1/reports/uptime"): frozenset({"ops"}),
+    ("GET", "/api/v1/reports/registration"): frozenset({"ops", "clerk"}),
     ("GET", "/api/v1/trajectory/{tag}"): frozenset({"police"}),
     ("GET", "/api/v1/alerts/stream"): frozenset({"police"}),
     ("POST", "/api/v1/cases/{case_id}/ack"): frozenset({"police"}),

@@ -224,6 +224,14 @@ class TestStations:
         east = [s["id"] for s in (await api("east", "GET", "/api/v1/stations")).json()]
         assert (ids, east) == (["SP-1", "SP-2"], ["SP-1"])
         assert (await api("east", "GET", "/api/v1/stations/SP-2")).status_code == 404
+        coverage = (await api("clerk", "GET", "/api/v1/reports/registration")).json()
+        assert coverage["town"] == {"registered": 0, "heard": 0, "heard_ratio": None,
+                                    "unknown_tags": 0}
+        table = await api("ops", "GET", "/api/v1/reports/registration",
+                          params={"days": 7, "format": "table"})
+        assert "Registration coverage" in table.text
+        assert (await api("ops", "GET", "/api/v1/reports/registration",
+                          params={"days": 0})).status_code == 422
         exported = (await api("ops", "GET", "/api/v1/stations/export")).text
         again = await api("ops", "POST", "/api/v1/stations/import", content=exported)
         assert again.json() == {"added": 0, "updated": 0, "unchanged": 2, "errors": []}

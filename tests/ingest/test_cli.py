@@ -58,6 +58,15 @@ class TestRegistryCommands:
         assert "0 dead-lettered deliveries queued again" in bw("deliveries", "retry",
                                                                 env=env).stdout
 
+    def test_registration_report(self, tmp_path: Path, env: dict[str, str]) -> None:
+        (tmp_path / "v.csv").write_text("tag,plate,owner_name,owner_phone,brand,color,"
+                                        "community\n00a1b2c3,P,N,1,B,C,east\n")
+        assert bw("vehicles", "import", str(tmp_path / "v.csv"), env=env).returncode == 0
+        p = bw("report", "registration", "--format", "csv", env=env)
+        assert p.stdout.splitlines() == ["community,registered,heard,heard_ratio,unknown_tags",
+                                         "east,1,0,0.000000,0"]
+        assert_clean_error(bw("report", "registration", "--days", "0", env=env), 2, "--days")
+
     def test_tokens_created_listed_revoked(self, env: dict[str, str]) -> None:
         made = bw("token", "create", "--role", "police", "--name", "patrol east",
                   "--zone", "east", env=env)
