@@ -11,8 +11,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry.tokens import Principal, authenticate
@@ -23,6 +24,31 @@ _Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "too_large",
           422: "invalid_request"}
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="for programs: " + ", ".join(sorted(set(_CODES.values()))))
+    message: str = Field(description="for people")
+
+
+# Documented on every route, so that a client generated from /openapi.json knows them.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": code.replace("_", " ")}
+    for status, code in _CODES.items() if status != 405}
+
+
+class CsvStream(StreamingResponse):
+    media_type = "text/csv"
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+def answers(*media_types: str) -> dict[int | str, dict[str, Any]]:
+    """Document a success in these media types. (A route's `response_class` would
+    document its errors in that type too, when they are JSON.)"""
+    return {200: {"content": {m: {"schema": {"type": "string"}} for m in media_types}}}
 
 
 class ApiError(Exception):

@@ -13,13 +13,20 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Response
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.stream import AlertStream
-from ingest.access import ApiError, install_errors, require
+from ingest.access import (
+    ERRORS,
+    ApiError,
+    EventStream,
+    answers,
+    install_errors,
+    require,
+)
 from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
@@ -43,7 +50,7 @@ from registry.tokens import ROLES, Principal, create_token, list_tokens, revoke_
 def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: Settings,
               clock: Clock = wall_ms, stream: AlertStream | None = None,
               stop: asyncio.Event | None = None) -> FastAPI:
-    app = FastAPI(title="bikewatch", version="1")
+    app = FastAPI(title="bikewatch", version="1", responses=ERRORS)
     app.state.engine = engine
     install_errors(app)
     ops, police = require("ops"), require("police")
@@ -72,7 +79,8 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
     async def get_trajectory(tag: str, since_ms: int = Query(0, ge=0, le=2**53)) -> Rows:
         return await trajectory(engine, tag_of(tag), since_ms)
 
-    @app.get("/api/v1/alerts/stream", response_model=None)
+    @app.get("/api/v1/alerts/stream", response_model=None,
+             responses=answers(EventStream.media_type))
     async def alert_stream(
             zone: Annotated[list[str] | None,
                             Query(description="only these zones (repeat for several)")] = None,
@@ -80,7 +88,7 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
             after: str | None = Query(None, description="resume after this alert_id "
                                       "(for clients that cannot set Last-Event-ID)"),
             who: Principal = police,
-    ) -> StreamingResponse:
+    ) -> EventStream:
         zones = zone or []
         bad = [z for z in zones if not NAME_RE.fullmatch(z)]
         if bad:
@@ -90,8 +98,7 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
                 raise ApiError(403, f"this token is not for zone {outside[0]!r}")
             zones = zones or sorted(who.zones)
         body = stream.events(last_event_id or after, zones, stop, clock())
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        return EventStream(body, headers={"cache-control": "no-cache"})
 
     @app.get("/api/v1/deliveries", dependencies=[ops])
     async def deliveries(page: Paged,
@@ -99,7 +106,8 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
                          webhook: str | None = Query(None, max_length=64)) -> Rows:
         return page(await list_deliveries(engine, state, webhook, page.limit, page.offset))
 
-    @app.get("/api/v1/reports/uptime", response_model=None, dependencies=[ops])
+    @app.get("/api/v1/reports/uptime", response_model=None, dependencies=[ops],
+             responses=answers("text/csv", "text/plain"))
     async def report_uptime(
             from_: str | None = Query(None, alias="from", description="ISO 8601"),
             to: str | None = Query(None, description="ISO 8601"), zone: str | None = None,
@@ -116,7 +124,7 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
         return as_json(report)
 
     @app.get("/api/v1/reports/registration", response_model=None,
-             dependencies=[require("ops", "clerk")])
+             dependencies=[require("ops", "clerk")], responses=answers("text/csv", "text/plain"))
     async def report_registration(
             days: float = Query(30, gt=0, le=3_650, description="heard within this many days"),
             format: str = Query("json", pattern="^(json|csv|table)$"),

@@ -8,11 +8,10 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.access import ApiError, require
+from ingest.access import ApiError, CsvStream, answers, require
 from ingest.clock import Clock
 from ingest.config import Settings
 from ingest.paging import Page, Paged, Rows
@@ -27,7 +26,7 @@ from registry.cases import (
 from registry.errors import Invalid, NotFound, Refused
 from registry.imports import import_stations, import_vehicles
 from registry.privacy import audit_log
-from registry.queries import case_detail, list_cases
+from registry.queries import case_detail, list_cases, visible
 from registry.records import (
     create_vehicle,
     export_stations,
@@ -199,13 +198,11 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
         await refusable(create_vehicle(engine, fields, owner))
         return await get_vehicle(engine, who, tag, clock(), "registered it")
 
-    @api.get("/vehicles/export", response_model=None)
-    async def vehicles_csv(who: Principal = clerk, reason: Reason = "") -> StreamingResponse:
+    @api.get("/vehicles/export", response_model=None, responses=answers(CsvStream.media_type))
+    async def vehicles_csv(who: Principal = clerk, reason: Reason = "") -> CsvStream:
         """Every vehicle with its owner, in the import's columns (one audit entry)."""
-        return StreamingResponse(export_vehicles(engine, who, clock(), reason),
-                                 media_type="text/csv",
-                                 headers={"content-disposition":
-                                          "attachment; filename=vehicles.csv"})
+        return CsvStream(export_vehicles(engine, who, clock(), reason),
+                         headers={"content-disposition": "attachment; filename=vehicles.csv"})
 
     @api.post("/vehicles/import", dependencies=[clerk], openapi_extra=_CSV_BODY)
     async def vehicles_import(request: Request) -> dict[str, Any]:
@@ -237,11 +234,11 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
         return page(await list_stations(engine, who, zone=zone, community=community,
                                         limit=page.limit, offset=page.offset))
 
-    @api.get("/stations/export", response_model=None, dependencies=[ops])
-    async def stations_csv() -> StreamingResponse:
-        return StreamingResponse(export_stations(engine), media_type="text/csv",
-                                 headers={"content-disposition":
-                                          "attachment; filename=stations.csv"})
+    @api.get("/stations/export", response_model=None, dependencies=[ops],
+             responses=answers(CsvStream.media_type))
+    async def stations_csv() -> CsvStream:
+        return CsvStream(export_stations(engine),
+                         headers={"content-disposition": "attachment; filename=stations.csv"})
 
     @api.post("/stations/import", dependencies=[ops], openapi_extra=_CSV_BODY)
     async def stations_import(request: Request) -> dict[str, Any]:
@@ -289,6 +286,7 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
     @api.patch("/cases/{case_id}")
     async def change_case(case_id: str, body: CaseDetails, who: Principal = case_desk,
                           ) -> dict[str, Any]:
+        await _may_change(who, case_id=case_id)
         details = {k: ("" if v is None and k != "expires_ms" else v)
                    for k, v in _details(body).items()}
         await refusable(update_case(engine, case_id, details, clock(), body.actor(who),
@@ -299,6 +297,7 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
     async def recover(case_id: str, body: Recovery, who: Principal = case_desk,
                       ) -> dict[str, Any]:
         """The bike is back: no more alerts for this case."""
+        await _may_change(who, case_id=case_id)
         result = await refusable(recover_theft(engine, case_id, clock(), body.actor(who),
                                                body.note, body.how))
         return {"case_id": case_id, "changed": result.changed, "message": result.message}
@@ -307,9 +306,16 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
     async def cancel(case_id: str, body: Actor, who: Principal = case_desk,
                      ) -> dict[str, Any]:
         """Reported in error: no more alerts for this case."""
+        await _may_change(who, case_id=case_id)
         result = await refusable(cancel_case(engine, case_id, clock(), body.actor(who),
                                              body.note))
         return {"case_id": case_id, "changed": result.changed, "message": result.message}
+
+    async def _may_change(who: Principal, **record: str) -> None:
+        """A zone-limited token changes only what it can see; the rest is not found."""
+        if not await visible(engine, who.zones, **record):
+            what = record.get("case_id") or record.get("alert_id") or ""
+            raise ApiError(404, f"unknown {next(iter(record))[:-3]} {what[:70]!r}")
 
     async def _case(case_id: str, who: Principal) -> dict[str, Any]:
         found = await case_detail(engine, case_id, who.zones)
@@ -320,6 +326,7 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
     @api.post("/cases/{case_id}/ack")
     async def ack_case(case_id: str, body: Actor, who: Principal = police) -> dict[str, Any]:
         """A patrol takes the case on; it keeps raising alerts."""
+        await _may_change(who, case_id=case_id)
         result = await refusable(acknowledge_case(engine, case_id, body.actor(who), clock(),
                                                   body.note))
         return {"case_id": case_id, "message": result.message}
@@ -327,6 +334,7 @@ def registry_routes(engine: AsyncEngine, settings: Settings, clock: Clock) -> AP
     @api.post("/alerts/{alert_id}/ack")
     async def ack_alert(alert_id: str, body: Actor, who: Principal = police,
                         ) -> dict[str, Any]:
+        await _may_change(who, alert_id=alert_id)
         case_id = await refusable(acknowledge_alert(engine, alert_id, body.actor(who),
                                                     clock(), body.note))
         return {"alert_id": alert_id, "case_id": case_id}

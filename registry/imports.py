@@ -159,8 +159,18 @@ def _vehicle_csv(row: dict[str, str], tz: zoneinfo.ZoneInfo) -> dict[str, Any]:
 def _csv_chunks(text: str, columns: tuple[str, ...], key: str,
                 check: Callable[[dict[str, str]], dict[str, Any]],
                 report: ImportReport) -> Iterator[list[dict[str, Any]]]:
-    """The good rows in chunks; a later duplicate of `key` in the file is a bad row."""
-    reader = csv.DictReader(io.StringIO(text))
+    """The good rows in chunks; a later duplicate of `key` in the file is a bad row. A
+    file that is not CSV at all (Invalid) imports nothing: its transaction rolls back."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        yield from _chunks(reader, columns, key, check, report)
+    except csv.Error as exc:
+        raise Invalid(f"line {reader.line_num}: not CSV: {exc}") from None
+
+
+def _chunks(reader: csv.DictReader[str], columns: tuple[str, ...], key: str,
+            check: Callable[[dict[str, str]], dict[str, Any]],
+            report: ImportReport) -> Iterator[list[dict[str, Any]]]:
     missing = [c for c in columns if c not in (reader.fieldnames or ())]
     if missing:
         raise Invalid(f"the header lacks the column(s) {', '.join(missing)}; "

@@ -151,6 +151,24 @@ async def list_cases(engine: AsyncEngine, status: str = "open", limit: int = 100
                         if c.case_id in latest else None} for c in cases]
 
 
+async def visible(engine: AsyncEngine, zones: Collection[str] | None, *,
+                  case_id: str | None = None, alert_id: str | None = None) -> bool:
+    """Whether a token limited to `zones` may see this case (an alert of it raised in
+    one of them) or this alert (raised in one); True for every record without a limit,
+    and for a record that does not exist (the change then answers not found)."""
+    if zones is None:
+        return True
+    async with engine.connect() as conn:
+        if case_id is not None:
+            q = select(TheftCase.case_id).where(TheftCase.case_id == case_id)
+            if (await conn.execute(q)).first() is None:
+                return True
+            return (await conn.execute(q.where(_in_zones(zones)))).first() is not None
+        row = (await conn.execute(select(Alert.zone).where(Alert.alert_id == alert_id))
+               ).first()
+        return row is None or row.zone in zones
+
+
 async def case_detail(engine: AsyncEngine, case_id: str,
                       zones: Collection[str] | None = None) -> dict[str, Any] | None:
     """A case with its full trajectory since the theft, its alerts and who changed what;

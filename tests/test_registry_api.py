@@ -205,6 +205,10 @@ class TestCases:
         assert east == ["C0"] and sorted(every) == ["C0", "C1"]
         assert (await api("east", "GET", "/api/v1/cases/C1")).status_code == 404
         assert (await api("east", "GET", "/api/v1/cases/C0")).status_code == 200
+        for url in ("/api/v1/cases/C1/ack", "/api/v1/cases/C1/recover", "/api/v1/alerts/A1/ack"):
+            assert (await api("east", "POST", url, json={})).status_code == 404, url
+        assert (await api("east", "POST", "/api/v1/alerts/A0/ack", json={})).status_code == 200
+        assert (await api("east", "POST", "/api/v1/cases/C0/ack", json={})).status_code == 200
 
 
 class TestStations:

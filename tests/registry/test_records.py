@@ -6,12 +6,14 @@ from __future__ import annotations
 import string
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry.db import open_database
+from registry.errors import Invalid
 from registry.imports import import_stations, import_vehicles
 from registry.models import Community, Owner, Station, TheftCase, Vehicle, Zone
 from registry.normalize import mask_id_number, mask_phone, phone_key, plate_key
@@ -124,3 +126,25 @@ class TestKeysAndMasks:
     def test_masks(self) -> None:
         assert mask_phone("+86 138-0000-1234") == "138****1234"
         assert mask_id_number("330102199001011234") == "3301**********1234"
+
+
+class TestAnyText:
+    @given(st.text(max_size=300) | st.sampled_from([
+        "tag,plate,owner_name,owner_phone,brand,color\n\r\x00,\"\n",
+        "tag,plate,owner_name,owner_phone,brand,color\n" + "x," * 5000 + "\n",
+        "tag,plate,owner_name,owner_phone,brand,color\n\"unclosed,a,b,c,d,e\n"]))
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    async def test_a_csv_imports_or_is_refused_never_crashes(
+            self, sqlite_url: str, text: str) -> None:
+        engine = await open_database(sqlite_url)
+        try:
+            report = await import_vehicles(engine, "tag,plate,owner_name,owner_phone,brand,"
+                                           "color,community\n" + text)
+            stored = await _all(engine, select(func.count()).select_from(Vehicle))
+            assert stored[0][0] == report.added  # what it says it added, nothing else
+            await import_vehicles(engine, text)  # the text as the whole file
+        except Invalid:
+            pass
+        finally:
+            await engine.dispose()
