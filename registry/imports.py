@@ -18,11 +18,11 @@ import io
 import math
 import re
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ingest.clock import parse_iso
@@ -109,7 +109,7 @@ def vehicle_record(tag: str, plate: str, brand: str, color: str, **optional: Any
             if optional["community"] else None
     for f in OWNER_FIELDS:
         if f in optional:
-            row[f] = optional[f].strip()
+            row[f] = optional[f].strip()[:200]
     if len(row.get("owner_phone", "")) > 40 or len(row.get("owner_id_number", "")) > 32:
         raise ValueError("owner_phone is at most 40 characters, owner_id_number 32")
     return row
@@ -225,32 +225,41 @@ async def _resolve_owners(conn: AsyncConnection, rows: list[dict[str, Any]]) -> 
         r["owner_id"] = key if (name or phone or id_number) else None
         if r["owner_id"] is not None:
             wanted[key] = (name, phone, id_number)
-    found: dict[tuple[str, ...], int] = {}
-    ids = [k[1] for k in wanted if k[0] == "id"]
-    if ids:
-        for o in await conn.execute(select(Owner.id, Owner.id_number, Owner.name, Owner.phone)
-                                    .where(Owner.id_number.in_(ids))):
-            found["id", o.id_number] = o.id
-            name, phone, _ = wanted["id", o.id_number]
-            if (o.name, o.phone) != (name, phone):
-                await conn.execute(update(Owner).where(Owner.id == o.id).values(
-                    name=name, phone=phone, phone_key=phone_key(phone)))
-    pairs = [(k[1], k[2]) for k in wanted if k[0] == "np"]
-    if pairs:
-        for p in await conn.execute(select(Owner.id, Owner.name, Owner.phone_key)
-                                    .where(tuple_(Owner.name, Owner.phone_key).in_(pairs))
-                                    .order_by(Owner.id)):
-            found.setdefault(("np", p.name, p.phone_key), p.id)
+    found = await _owners(conn, wanted)
+    for owner_key, (owner_id, *stored) in found.items():
+        now = wanted[owner_key]
+        if owner_key[0] == "id" and tuple(stored) != now[:2]:  # moved, renamed
+            await conn.execute(update(Owner).where(Owner.id == owner_id).values(
+                name=now[0], phone=now[1], phone_key=phone_key(now[1])))
     new = [k for k in wanted if k not in found]
-    if new:
-        made = await conn.execute(
-            insert(Owner).returning(Owner.id, sort_by_parameter_order=True),
-            [{"name": wanted[k][0][:200], "phone": wanted[k][1], "phone_key":
-              phone_key(wanted[k][1]), "id_number": wanted[k][2]} for k in new])
-        found.update(zip(new, made.scalars(), strict=True))
+    if new:  # one executemany, then read the ids back: RETURNING goes row by row here
+        await conn.execute(insert(Owner), [
+            {"name": wanted[k][0], "phone": wanted[k][1], "phone_key": phone_key(wanted[k][1]),
+             "id_number": wanted[k][2]} for k in new])
+        found |= await _owners(conn, {k: wanted[k] for k in new})
     for r in rows:
         if r["owner_id"] is not None:
-            r["owner_id"] = found[r["owner_id"]]
+            r["owner_id"] = found[r["owner_id"]][0]
+
+
+async def _owners(conn: AsyncConnection, keys: Mapping[tuple[str, ...], object],
+                  ) -> dict[tuple[str, ...], tuple[int, str, str]]:
+    """The stored owners of these keys: key -> (id, name, phone); the oldest of several."""
+    found: dict[tuple[str, ...], tuple[int, str, str]] = {}
+    ids = [k[1] for k in keys if k[0] == "id"]
+    if ids:
+        # `<> ''` as the partial unique index says it: else SQLite cannot use it, and scans.
+        for o in await conn.execute(select(Owner.id, Owner.id_number, Owner.name, Owner.phone)
+                                    .where(Owner.id_number.in_(ids), Owner.id_number != "")):
+            found["id", o.id_number] = (o.id, o.name, o.phone)
+    phones = {k[2] for k in keys if k[0] == "np"}
+    if phones:  # by the indexed phone key, then the name
+        for o in await conn.execute(select(Owner.id, Owner.name, Owner.phone, Owner.phone_key)
+                                    .where(Owner.phone_key.in_(phones)).order_by(Owner.id)):
+            key = ("np", o.name, o.phone_key)
+            if key in keys:
+                found.setdefault(key, (o.id, o.name, o.phone))
+    return found
 
 
 async def _upsert(conn: AsyncConnection, model: type[Station] | type[Vehicle], key: str,

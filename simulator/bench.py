@@ -33,6 +33,7 @@ from registry.snapshot import StolenSet
 from registry.tags import format_tag
 from simulator.bench_forecast import bench_forecast
 from simulator.bench_health import bench_health
+from simulator.bench_registry import bench_registry
 from simulator.loadgen import LoadGen
 
 READS_PER_BATCH = 50
@@ -362,6 +363,11 @@ async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.
     bench_decode()
     bench_health(args.quick)
     bench_forecast(args.quick)
+    vehicles = args.registry_vehicles
+    if vehicles is None:
+        vehicles = 20_000 if args.quick else 1_000_000
+    if vehicles:
+        await bench_registry(vehicles, args.db_url)
     if not args.skip_e2e:
         await bench_e2e(args.seconds, args.soak, args.db_url)
     return 0

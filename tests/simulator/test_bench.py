@@ -14,3 +14,4 @@ def test_bench_quick_prints_matching_and_decode_tables() -> None:
     assert "100,000 10,000" in p.stdout
     assert "CPU per heartbeat" in p.stdout and "/metrics render" in p.stdout
     assert "next_stations on a simulated town" in p.stdout and "nearest ahead" in p.stdout
+    assert "Registry: 20,000 vehicles" in p.stdout and "lookup by plate as police" in p.stdout
