@@ -35,6 +35,14 @@ class MqttEndpoint:
     username: str | None
     password: str | None
     tls: bool
+    ca_file: str | None = None  # the CA that signed the broker's certificate; None: system's
+
+    def secure(self, client: Any) -> None:
+        """Credentials and TLS on a paho client, as this endpoint says."""
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        if self.tls:
+            client.tls_set(ca_certs=self.ca_file)
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,6 +73,8 @@ class Settings:
     # a broker without $share such as the embedded amqtt).
     share_group: str = "bikewatch"
     mqtt_protocol: str = "5"          # "5" or "3.1.1" (amqtt speaks only 3.1.1)
+    # mqtts:// verifies the broker against this CA file (PEM); empty: the system's CAs.
+    mqtt_ca_file: str = ""
     client_id: str = "bikewatch-worker"
     # Unacknowledged QoS 1 reads the broker may send us (MQTT 5 Receive
     # Maximum): the in-flight bound of DESIGN.md decision 5, far below the
@@ -160,6 +170,8 @@ class Settings:
                               f"unknown time zone {self.timezone!r}") from None
 
     def mqtt_endpoint(self) -> MqttEndpoint:
+        if self.mqtt_ca_file and not Path(self.mqtt_ca_file).is_file():
+            raise ConfigError("BIKEWATCH_MQTT_CA_FILE", f"{self.mqtt_ca_file!r} is not a file")
         bad = ConfigError("BIKEWATCH_MQTT_URL",
                           f"{self.mqtt_url!r} is not mqtt://[user:pass@]host[:port]")
         try:
@@ -172,7 +184,7 @@ class Settings:
         return MqttEndpoint(url.hostname, port or (8883 if url.scheme == "mqtts" else 1883),
                             unquote(url.username) if url.username else None,
                             unquote(url.password) if url.password else None,
-                            url.scheme == "mqtts")
+                            url.scheme == "mqtts", self.mqtt_ca_file or None)
 
     def http_address(self) -> tuple[str, int]:
         host, sep, port = self.http.rpartition(":")

@@ -54,8 +54,7 @@ def _police(settings: Settings, out: asyncio.Queue[dict[str, object]],
     """A police receiver, as an integration would be: subscribed to every zone."""
     ep = settings.mqtt_endpoint()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bikewatch-demo-police")
-    if ep.username:
-        client.username_pw_set(ep.username, ep.password)
+    ep.secure(client)
     connected = threading.Event()
     zones = f"{settings.mqtt_root}/alerts/+"  # zones are one topic level
 

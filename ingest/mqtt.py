@@ -107,10 +107,7 @@ class MqttLink:
             CallbackAPIVersion.VERSION2, client_id=settings.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else False, manual_ack=True)
-        if ep.username is not None:
-            self.client.username_pw_set(ep.username, ep.password)
-        if ep.tls:
-            self.client.tls_set()
+        ep.secure(self.client)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)  # capped backoff
         self.client.max_inflight_messages_set(1000)  # our own QoS 1 publishes (alerts)
         self.client.on_connect = self._on_connect

@@ -38,8 +38,7 @@ class StationPublisher:
     def __post_init__(self) -> None:
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                    protocol=MQTTProtocolVersion.MQTTv311)
-        if self.endpoint.username:
-            self._client.username_pw_set(self.endpoint.username, self.endpoint.password)
+        self.endpoint.secure(self._client)
         self._client.max_inflight_messages_set(MAX_INFLIGHT)
         self._slots = threading.BoundedSemaphore(MAX_INFLIGHT)
         self._client.on_publish = lambda *_: self._slots.release()

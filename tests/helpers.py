@@ -77,8 +77,7 @@ class Police:
         self.stray: list[str] = []
         self.client = paho.Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"police-{uuid.uuid4().hex[:8]}")
-        if ep.username:
-            self.client.username_pw_set(ep.username, ep.password)
+        ep.secure(self.client)
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
