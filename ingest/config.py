@@ -14,10 +14,11 @@ import base64
 import datetime as dt
 import json
 import re
+import socket
 import tomllib
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -75,7 +76,7 @@ class Settings:
     mqtt_protocol: str = "5"          # "5" or "3.1.1" (amqtt speaks only 3.1.1)
     # mqtts:// verifies the broker against this CA file (PEM); empty: the system's CAs.
     mqtt_ca_file: str = ""
-    client_id: str = "bikewatch-worker"
+    client_id: str = "bikewatch-worker"  # "{hostname}" in it is replaced by the host's name
     # Unacknowledged QoS 1 reads the broker may send us (MQTT 5 Receive
     # Maximum): the in-flight bound of DESIGN.md decision 5, far below the
     # 65,535 message ids, and large enough that one commit covers many batches.
@@ -126,6 +127,9 @@ class Settings:
         defaults = cls()
         settings = cls(**{name: _coerce(name, raw, getattr(defaults, name))
                           for name, raw in values.items()})
+        if "{hostname}" in settings.client_id:  # replicas and pods share one setting
+            settings = replace(settings, client_id=settings.client_id.replace(
+                "{hostname}", socket.gethostname()))
         settings.validate()
         return settings
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -73,7 +73,14 @@ def create_engine(url: str) -> AsyncEngine:
         raise StoreError(f"BIKEWATCH_DB_URL: {exc}") from None
 
 
+MIGRATION_LOCK = 0x62696B65  # "bike": PostgreSQL advisory lock key of the migrations
+
+
 def _upgrade(conn: Connection, revision: str = "head") -> None:
+    if conn.dialect.name == "postgresql":
+        # Workers started together (replicas, pods) would otherwise run the same migration
+        # at once and fail on each other's tables; the lock ends with the transaction.
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = conn

@@ -28,6 +28,7 @@ from ingest.broker import free_port
 from ingest.clock import wall_ms
 from ingest.config import MqttEndpoint, Settings
 from simulator.publisher import StationPublisher
+from tests.conftest import IN_CI
 from tests.helpers import STOLEN, Police, running_worker, stage_registry, until
 
 pytestmark = pytest.mark.broker
@@ -45,8 +46,10 @@ class SecureBroker:
         passwd = shutil.which("mosquitto_passwd")
         openssl = shutil.which("openssl")
         if not (mosquitto and passwd and openssl):
-            pytest.fail("needs mosquitto, mosquitto_passwd and openssl (Debian: mosquitto, "
-                        "openssl)")
+            msg = "needs mosquitto, mosquitto_passwd and openssl (Debian: mosquitto, openssl)"
+            if IN_CI:
+                pytest.fail(msg)
+            pytest.skip(msg)
         self.plain, self.tls = free_port(), free_port()
         certs = tmp / "certs"
         certs.mkdir()

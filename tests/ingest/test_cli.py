@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ingest.broker import BrokerHandle, free_port
+from ingest.config import Settings
 
 
 def bw(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -159,12 +161,18 @@ class TestConfiguration:
         ("BIKEWATCH_MQTT_URL", "http://x"), ("BIKEWATCH_HTTP", "8080"),
         ("BIKEWATCH_DB_URL", "mysql://x/y"), ("BIKEWATCH_MQTT_ROOT", "a/+/b"),
         ("BIKEWATCH_RECEIVE_MAXIMUM", "30001"), ("BIKEWATCH_TIMEZONE", "Mars/Base"),
+        ("BIKEWATCH_MQTT_CA_FILE", "/nonexistent/ca.crt"),
+        ("BIKEWATCH_SIGHTING_RETENTION_DAYS", "0.5"),
     ])
     def test_bad_setting_is_one_line_naming_it(self, var: str, value: str,
                                                env: dict[str, str]) -> None:
         p = bw("serve", env=env | {var: value})
         assert_clean_error(p, 2, var)
         assert len(p.stderr.strip().splitlines()) == 1
+
+    def test_client_id_per_host(self) -> None:
+        s = Settings.load(None, {"BIKEWATCH_CLIENT_ID": "bikewatch-{hostname}"})
+        assert s.client_id == f"bikewatch-{socket.gethostname()}"
 
     def test_unreachable_database(self) -> None:
         p = bw("serve", env={"BIKEWATCH_DB_URL": "postgresql+asyncpg://x@127.0.0.1:1/db"})

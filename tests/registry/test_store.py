@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -43,6 +45,11 @@ class TestMigrations:
     async def test_migrating_twice_is_harmless(self, db_url: str, engine: AsyncEngine) -> None:
         again = await open_database(db_url)
         await again.dispose()
+
+    async def test_workers_starting_together_migrate_once(self, db_url: str) -> None:
+        engines = await asyncio.gather(*(open_database(db_url) for _ in range(4)))
+        for engine in engines:
+            await engine.dispose()
 
     async def test_owners_move_out_of_vehicles(self, db_url: str) -> None:
         old = await open_database(db_url, revision="0008")
