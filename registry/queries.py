@@ -180,9 +180,13 @@ async def case_detail(engine: AsyncEngine, case_id: str,
             return None
         alerts = (await conn.execute(select(Alert).where(Alert.case_id == case_id)
                                      .order_by(Alert.raised_ms))).all()
+        if zones is not None:  # a zone-limited token sees its zones' alerts and stations
+            alerts = [a for a in alerts if a.zone in zones]
         events = (await conn.execute(select(CaseEvent).where(CaseEvent.case_id == case_id)
                                      .order_by(CaseEvent.id))).all()
     path = await trajectory(engine, from_db(case.tag), case.stolen_ms, limit=10_000)
+    if zones is not None:
+        path = [v for v in path if v["zone"] in zones]
     return _case(case) | {
         "trajectory": path, "alerts": [_alert(a) for a in alerts],
         "events": [{"at_ms": e.at_ms, "actor": e.actor, "action": e.action,

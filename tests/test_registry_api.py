@@ -204,7 +204,15 @@ class TestCases:
         every = [c["case_id"] for c in (await api("police", "GET", "/api/v1/cases")).json()]
         assert east == ["C0"] and sorted(every) == ["C0", "C1"]
         assert (await api("east", "GET", "/api/v1/cases/C1")).status_code == 404
-        assert (await api("east", "GET", "/api/v1/cases/C0")).status_code == 200
+        async with engine.begin() as conn:  # C0 seen in the west too
+            await conn.execute(insert(Alert).values(
+                alert_id="A2", kind="stolen_sighting", case_id="C0", tag=0x00A1B2C3,
+                station="S", zone="west", visit_first_ms=2, update_no=2, raised_ms=2,
+                received_ms=2, payload="{}"))
+        c0 = (await api("east", "GET", "/api/v1/cases/C0")).json()
+        assert [a["alert_id"] for a in c0["alerts"]] == ["A0"]
+        every_alert = (await api("police", "GET", "/api/v1/cases/C0")).json()["alerts"]
+        assert [a["alert_id"] for a in every_alert] == ["A0", "A2"]
         for url in ("/api/v1/cases/C1/ack", "/api/v1/cases/C1/recover", "/api/v1/alerts/A1/ack"):
             assert (await api("east", "POST", url, json={})).status_code == 404, url
         assert (await api("east", "POST", "/api/v1/alerts/A0/ack", json={})).status_code == 200
