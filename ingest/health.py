@@ -304,6 +304,19 @@ class StationHealth:
         self._dirty.clear()
         return transitions, rows
 
+    def reconcile(self, stored: dict[str, tuple[bool, str]]) -> None:
+        """Taking over storage from another worker: queue a transition for every station
+        whose state differs from its newest stored one (`stored`: up, cause) and is not
+        already pending, and every station's row, so that the database catches up."""
+        last = {t.station: (t.up, t.cause) for t in self.pending}
+        for sid, st in self._state.items():
+            if st.up is None:
+                continue
+            now = (st.up, st.cause)
+            if stored.get(sid) != now and last.get(sid, stored.get(sid)) != now:
+                self.pending.append(Transition(sid, st.since_ms, st.up, st.cause))
+        self._dirty.update(self._state)
+
     def put_back(self, transitions: list[Transition], rows: list[dict[str, object]]) -> None:
         self.pending[:0] = transitions
         self._dirty.update(str(r["sid"]) for r in rows)

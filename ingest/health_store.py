@@ -51,6 +51,14 @@ async def load_states(conn: AsyncConnection, stations: Collection[str], now_ms: 
     return states
 
 
+async def newest(conn: AsyncConnection) -> dict[str, tuple[bool, str]]:
+    """Every station's newest stored transition: (up, cause)."""
+    latest = select(func.max(StationTransition.id)).group_by(StationTransition.station)
+    return {r.station: (bool(r.up), r.cause) for r in await conn.execute(
+        select(StationTransition.station, StationTransition.up, StationTransition.cause)
+        .where(StationTransition.id.in_(latest)))}
+
+
 async def store(conn: AsyncConnection, transitions: list[Transition],
                 rows: list[dict[str, object]]) -> None:
     if transitions:

@@ -72,6 +72,10 @@ class Metrics:
         self.station_transitions = Counter(
             "bikewatch_station_transitions", "Station up/down changes stored, by zone and the "
             "state changed to", ["zone", "to"], registry=registry)
+        self.health_owner = Gauge(
+            "bikewatch_health_owner", "1 on the worker that stores station transitions and "
+            "publishes health events (registry.lease); every worker tracks and exposes the "
+            "stations' state", registry=registry)
         for reason in PAYLOAD_REASONS:
             self.rejected.labels(reason.value)
         for read_reason in READ_REASONS:

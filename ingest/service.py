@@ -41,13 +41,14 @@ from ingest.clock import Clock, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError
 from ingest.health import HealthPolicy, StationHealth
-from ingest.health_store import load_states, store
+from ingest.health_store import load_states, newest, store
 from ingest.http import bind, build_app
 from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain, materialize
 from registry.db import open_database
+from registry.lease import HEALTH, Lease
 from registry.models import RejectRecord, SeenBatch
 from registry.notify import listen
 from registry.queries import outbox_backlog
@@ -109,6 +110,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.on_alert: Callable[[RaisedAlert], None] | None = None
         self._version = -1
+        self.health_lease = Lease(engine, HEALTH, "station health")
 
     async def run(self) -> None:
         """Run until `stop` is set. Raises ConfigError if the broker cannot be reached."""
@@ -119,6 +121,8 @@ class Worker:
         link = MqttLink(self.settings, inbox, self.clock)
         sock = bind(self.settings.http_address())
         link.start()
+        # The health lease is held until the last transitions are stored, after the rest.
+        release, lease = asyncio.Event(), None
         try:
             if not await link.wait_connected(CONNECT_TIMEOUT_S):
                 ep = self.settings.mqtt_endpoint()
@@ -135,6 +139,7 @@ class Worker:
                             self.stream, self.stop)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             changed = asyncio.Event()  # a registry change was announced
+            lease = asyncio.create_task(self.health_lease.run(release), name="health-lease")
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
                 consume = tg.create_task(self._consume(inbox, link), name="consume")
@@ -167,6 +172,9 @@ class Worker:
             await drain(self.engine)
             await self._health(None)
         finally:
+            release.set()
+            if lease is not None:
+                await asyncio.wait({lease}, timeout=10)
             link.stop()
             sock.close()
 
@@ -228,8 +236,22 @@ class Worker:
                             str(exc).splitlines()[0][:200])
 
     async def _health(self, link: MqttLink | None) -> None:
-        """Find silent stations, store the transitions, then tell operators (QoS 1)."""
+        """Find silent stations, store the transitions, then tell operators (QoS 1): on
+        the holder of the health lease only; the others track the same states."""
         self.health.tick()
+        if not self.health_lease.decided.is_set():  # starting: keep what happens for now
+            return
+        owner = self.health_lease.held
+        self.metrics.health_owner.set(owner)
+        if not owner:
+            self.health.take_pending()
+            self.health.take_events()
+            return
+        if self.health_lease.gained.is_set():  # taken over: catch the database up
+            async with self.engine.connect() as conn:
+                stored = await newest(conn)
+            self.health.reconcile(stored)
+            self.health_lease.gained.clear()
         transitions, rows = self.health.take_pending()
         if transitions or rows:
             try:
