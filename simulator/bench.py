@@ -35,6 +35,7 @@ from simulator.bench_forecast import bench_forecast
 from simulator.bench_health import bench_health
 from simulator.bench_registry import bench_registry
 from simulator.loadgen import LoadGen
+from simulator.report import Report
 
 READS_PER_BATCH = 50
 STATIONS = 200
@@ -59,7 +60,7 @@ def _set_match(tags: np.ndarray, stolen: set[int]) -> list[int]:
     return [i for i, t in enumerate(tags.tolist()) if t in stolen]
 
 
-def bench_matching(quick: bool) -> None:
+def bench_matching(quick: bool, report: Report) -> None:
     print("\n== hot-path matching, ns per read (lower is better) ==")
     print(f"{'stolen':>9} {'batch':>6} {'snapshot':>9} {'np.isin':>9} {'py set':>8} "
           f"{'set/snapshot':>13}")
@@ -76,9 +77,11 @@ def bench_matching(quick: bool) -> None:
             t_set = _ns_per(partial(_set_match, tags, pyset), b)
             print(f"{n:>9,} {b:>6,} {t_snap:>9.1f} {t_isin:>9.1f} {t_set:>8.1f} "
                   f"{t_set / t_snap:>12.1f}x")
+            report.add("matching", f"snapshot, {n:,} stolen, batch {b:,}", t_snap, "ns/read",
+                       t_set, "a Python set")
 
 
-def bench_decode() -> None:
+def bench_decode(report: Report) -> None:
     print("\n== decode, ns per read: one payload a call, and a group of 100 as the worker does ==")
     print(f"{'reads/batch':>11} {'binary':>8} {'json':>8} {'binary x100':>12} {'json x100':>10}")
     rng = np.random.default_rng(2)
@@ -93,6 +96,8 @@ def bench_decode() -> None:
         g_bin = _ns_per(partial(decode_many, [(b, "S1", now)] * 100), n * 100)
         g_json = _ns_per(partial(decode_many, [(j, "S1", now)] * 100), n * 100)
         print(f"{n:>11} {t_bin:>8.1f} {t_json:>8.1f} {g_bin:>12.1f} {g_json:>10.1f}")
+        report.add("decode", f"binary, {n} reads a batch, groups of 100", g_bin, "ns/read",
+                   g_json, "the same reads as JSON")
 
 
 # -- the publisher process ----------------------------------------------------
@@ -315,7 +320,7 @@ def _rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
-async def bench_e2e(seconds: float, soak: float, db_url: str | None) -> None:
+async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Report) -> None:
     broker = start_broker()
     try:
         print(f"\n== end to end through {broker.kind} on 127.0.0.1, QoS 1, "
@@ -328,11 +333,15 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None) -> None:
               f"({bare * READS_PER_BATCH:,.0f} reads/s)")
         aio = await _bare_aiomqtt(broker, f"aio{uuid.uuid4().hex[:6]}", seconds)
         print(f"bare aiomqtt subscriber:   {aio:>10,.0f} messages/s ({aio / bare:.2f} of paho)")
+        report.add("end to end", "bare aiomqtt subscriber", aio, "msg/s", bare,
+                   "a bare paho subscriber")
         for fmt in ("binary", "json"):
             rate, _, _, _ = await _worker_run(broker, seconds, fmt, db_url=db_url)
             print(f"worker, {fmt:<6}:            {rate:>10,.0f} reads/s = "
                   f"{rate / READS_PER_BATCH:,.0f} batches/s ({rate / READS_PER_BATCH / bare:.2f} "
                   f"of the bare subscriber)")
+            report.add("end to end", f"worker, {fmt}", rate, "reads/s", bare * READS_PER_BATCH,
+                       "a bare paho subscriber")
             if fmt == "binary":
                 top = rate / READS_PER_BATCH
         half = top / 2
@@ -349,27 +358,36 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None) -> None:
             if ms:
                 p50, p99 = np.percentile(ms, [50, 99])
                 print(f"  {channel}: {len(ms)} alerts, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+                report.add("alert latency", f"{channel}, p99 at half load", p99, "ms", p50,
+                           "its own p50")
         if soak:
             rate, _, (r0, r1), _ = await _worker_run(broker, soak, "binary", db_url=db_url)
             print(f"soak {soak:.0f} s at full load: {rate:,.0f} reads/s, "
                   f"RSS {r0} MB at start, {r1} MB at end (bench process, worker in it)")
+            report.add("memory", f"RSS after a {soak:.0f} s soak", r1, "MB", r0, "RSS at start")
     finally:
         broker.stop()
 
 
 async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.Event) -> int:
     del settings, stop  # the bench owns its broker and databases
-    bench_matching(args.quick)
-    bench_decode()
-    bench_health(args.quick)
-    bench_forecast(args.quick)
+    report = Report()
+    bench_matching(args.quick, report)
+    bench_decode(report)
+    bench_health(args.quick, report)
+    bench_forecast(args.quick, report)
     vehicles = args.registry_vehicles
     if vehicles is None:
         vehicles = 20_000 if args.quick else 1_000_000
     if vehicles:
-        await bench_registry(vehicles, args.db_url)
+        await bench_registry(vehicles, args.db_url, report)
     if not args.skip_e2e:
-        await bench_e2e(args.seconds, args.soak, args.db_url)
+        await bench_e2e(args.seconds, args.soak, args.db_url, report)
+    print("\n== every figure beside its baseline from this run ==")
+    print(report.table())
+    if args.json:
+        report.write(args.json)
+        print(f"written to {args.json}")
     return 0
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from alerts.forecast import Forecast
 from registry.stations import StationInfo
+from simulator.report import Report
 from simulator.town import Town
 
 TRIPS = 10
@@ -82,10 +83,14 @@ def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
     return {name: (h1 / total, h3 / total) for name, (h1, h3) in hits.items()}
 
 
-def bench_forecast(quick: bool) -> None:
+def bench_forecast(quick: bool, report: Report) -> None:
     bikes = 300 if quick else 3_000
     print(f"\n== next_stations on a simulated town: {bikes:,} commuters, 8x8 crossings, "
           f"{DETOUR:.0%} detours; learned on {TRAIN_SHARE:.0%} of the trips ==")
     print(f"{'ranking':>14} {'top-1':>7} {'top-3':>7}")
-    for name, (top1, top3) in evaluate(bikes).items():
+    scores = evaluate(bikes)
+    for name, (top1, top3) in scores.items():
         print(f"{name:>14} {top1:>7.1%} {top3:>7.1%}")
+    for k, rank in (("top-1", 0), ("top-3", 1)):
+        report.add("next_stations", f"forecast {k} hit rate", scores["forecast"][rank] * 100,
+                   "%", scores["nearest ahead"][rank] * 100, "nearest stations ahead")

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from ingest.health import OFFLINE, UP, HealthPolicy, StationHealth
 from ingest.metrics import Metrics, StationMetrics, exposition
 from registry.stations import StationInfo
+from simulator.report import Report
 
 HEARTBEAT_S = 30
 T0 = 1_763_800_000_000
@@ -108,14 +109,18 @@ def bench_scrape(n: int, repeats: int) -> tuple[float, float, int]:
     return ours, base, size
 
 
-def bench_health(quick: bool) -> None:
+def bench_health(quick: bool, report: Report) -> None:
     n = 2_000 if quick else 10_000
     print(f"\n== station health, {n:,} stations heartbeating every {HEARTBEAT_S} s ==")
     ours, base = bench_heartbeats(n, 2 if quick else 10)
     print(f"CPU per heartbeat: tracker {ours:,.0f} ns, dict-store baseline {base:,.0f} ns "
           f"({ours / base:.1f}x); {n / HEARTBEAT_S * ours / 1e6:.2f} ms of CPU a second "
           f"for the town")
+    report.add("station health", f"CPU per heartbeat, {n:,} stations", ours, "ns", base,
+               "a dict store")
     scrape, plain, size = bench_scrape(n, 3 if quick else 7)
     print(f"/metrics render: {scrape:,.0f} ms ({size / 1e6:.1f} MB); prometheus_client "
           f"rendering plain gauges, 3 series a station: {plain:,.0f} ms "
           f"({plain / scrape:.1f}x slower); target under 200 ms")
+    report.add("station health", f"/metrics render, {n:,} stations", scrape, "ms", plain,
+               "prometheus_client")

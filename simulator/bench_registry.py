@@ -26,6 +26,7 @@ from registry.models import Vehicle
 from registry.records import find_vehicles, get_vehicle
 from registry.tags import format_tag, to_db
 from registry.tokens import Principal
+from simulator.report import Report
 
 COMMUNITIES = 50
 LOOKUPS = 2_000
@@ -56,9 +57,8 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-async def bench_registry(vehicles: int, db_url: str | None = None) -> dict[str, float]:
-    """Import `vehicles` into a fresh database, then time lookups; prints and returns
-    the figures."""
+async def bench_registry(vehicles: int, db_url: str | None, report: Report) -> None:
+    """Import `vehicles` into a fresh database, then time lookups."""
     print(f"\n## Registry: {vehicles:,} vehicles (SQLite unless --db-url)")
     text_csv, tags, plates = vehicles_csv(vehicles)
     started = time.perf_counter()
@@ -69,9 +69,9 @@ async def bench_registry(vehicles: int, db_url: str | None = None) -> dict[str, 
         engine = await open_database(url)
         try:
             started = time.perf_counter()
-            report = await import_vehicles(engine, text_csv)
+            imported = await import_vehicles(engine, text_csv)
             import_s = time.perf_counter() - started
-            assert report.added == rows == vehicles, report.summary("vehicles")
+            assert imported.added == rows == vehicles, imported.summary("vehicles")
             print(f"import: {vehicles / import_s:,.0f} rows/s, {import_s:.1f} s "
                   f"(csv module alone: {vehicles / parse_s:,.0f} rows/s; "
                   f"ratio {parse_s / import_s:.2f})")
@@ -84,11 +84,11 @@ async def bench_registry(vehicles: int, db_url: str | None = None) -> dict[str, 
                     (await conn.execute(select(Vehicle.tag).where(
                         Vehicle.tag == to_db(tags[i])))).one()
                     floor.append(time.perf_counter() - t0)
-            figures = {"import_rows_per_s": vehicles / import_s, "import_s": import_s,
-                       "csv_parse_rows_per_s": vehicles / parse_s}
+            report.add("registry", f"CSV import, {vehicles:,} vehicles", vehicles / import_s,
+                       "rows/s", vehicles / parse_s, "the csv module alone")
             p50, p99 = _percentiles(floor)
             print(f"bare primary-key select: p50 {p50:.2f} ms, p99 {p99:.2f} ms (baseline)")
-            figures["pk_select_p99_ms"] = p99
+            floor_p99 = p99
             for who in (Principal("bench-ops", "ops"), Principal("bench-police", "police")):
                 by_tag, by_plate = [], []
                 for i in picks:
@@ -102,10 +102,11 @@ async def bench_registry(vehicles: int, db_url: str | None = None) -> dict[str, 
                 for what, samples in (("tag", by_tag), ("plate", by_plate)):
                     p50, p99 = _percentiles(samples)
                     print(f"lookup by {what} as {who.role}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-                    figures[f"lookup_{what}_{who.role}_p99_ms"] = p99
+                    report.add("registry", f"lookup by {what} as {who.role}, p99, "
+                               f"{vehicles:,} stored", p99, "ms", floor_p99,
+                               "a bare primary-key select")
             async with engine.connect() as conn:
                 size = (await conn.execute(text("SELECT count(*) FROM vehicles"))).scalar()
             assert size == vehicles
-            return figures
         finally:
             await engine.dispose()

@@ -32,6 +32,8 @@ def add_bench_parser(sub: Any) -> None:
                    help="database for the end-to-end runs (default: a temporary SQLite file)")
     p.add_argument("--soak", type=float, default=0, metavar="S",
                    help="also run the worker at full load for S seconds, RSS at start and end")
+    p.add_argument("--json", metavar="FILE", help="also write every figure, its baseline and "
+                   "the machine to FILE as JSON")
     p.add_argument("--registry-vehicles", type=int, default=None, metavar="N",
                    help="vehicles imported for the registry figures (default 1,000,000; "
                         "20,000 with --quick; 0 skips them)")

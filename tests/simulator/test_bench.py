@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 
-def test_bench_quick_prints_matching_and_decode_tables() -> None:
-    p = subprocess.run([sys.executable, "-m", "ingest.cli", "bench", "--quick", "--skip-e2e"],
-                       capture_output=True, text=True, timeout=120)
+def test_bench_quick_prints_matching_and_decode_tables(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "ingest.cli", "bench", "--quick", "--skip-e2e",
+                        "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "hot-path matching" in p.stdout and "decode, ns per read" in p.stdout
     assert "100,000 10,000" in p.stdout
     assert "CPU per heartbeat" in p.stdout and "/metrics render" in p.stdout
     assert "next_stations on a simulated town" in p.stdout and "nearest ahead" in p.stdout
     assert "Registry: 20,000 vehicles" in p.stdout and "lookup by plate as police" in p.stdout
+    assert "every figure beside its baseline from this run" in p.stdout
+    doc = json.loads(out.read_text())
+    sections = {f["section"] for f in doc["figures"]}
+    assert sections == {"matching", "decode", "station health", "next_stations", "registry"}
+    assert all(f["value"] > 0 and f["baseline"] > 0 and f["ratio"] > 0 for f in doc["figures"])
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["python"]
