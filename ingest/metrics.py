@@ -44,6 +44,10 @@ class Metrics:
             registry=registry)
         # Additions to the contract (docs/protocol.md, "Metrics").
         self.batches = Counter("bikewatch_batches", "Read batches accepted", registry=registry)
+        self.received = Counter(
+            "bikewatch_received_batches", "Read payloads received; each is accepted "
+            "(bikewatch_batches_total), a duplicate (bikewatch_duplicate_batches_total) or "
+            "rejected (bikewatch_rejected_total)", registry=registry)
         self.inflight = Gauge("bikewatch_inflight_messages",
                               "Messages received and not yet acknowledged", registry=registry)
         self.group_seconds = Histogram(

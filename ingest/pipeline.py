@@ -75,6 +75,7 @@ class Inbound:
 class GroupResult:
     """What a committed group changed: for the metrics, the acks and the outbox."""
 
+    received: int = 0  # read payloads: each a batch, a duplicate or a reject
     reads: int = 0
     batches: int = 0
     duplicates: int = 0
@@ -143,6 +144,7 @@ class Pipeline:
                 continue
             if kind != "reads":
                 continue
+            result.received += 1
             if not NAME_RE.fullmatch(station):
                 self._reject(out, result, m, station[:64], Rejected(
                     Reason.BAD_VALUE, "station id in the topic breaks [A-Za-z0-9._-]{1,64}"))
@@ -409,6 +411,7 @@ class Pipeline:
 
     def _count(self, r: GroupResult) -> None:
         m = self.metrics
+        m.received.inc(r.received)
         m.reads.inc(r.reads)
         m.batches.inc(r.batches)
         m.duplicates.inc(r.duplicates)

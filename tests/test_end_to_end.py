@@ -146,6 +146,12 @@ class TestIntake:
             assert _metric(worker, "bikewatch_rejected_total",
                            reason="station_mismatch") == 1
             assert _metric(worker, "bikewatch_rejected_reads_total", reason="bad_tag") == 1
+            # every payload accounted for: accepted, a duplicate or rejected
+            rejected = sum(_metric(worker, "bikewatch_rejected_total", reason=r) or 0
+                           for r in ("bad_format", "bad_json", "station_mismatch"))
+            assert _metric(worker, "bikewatch_received_batches_total") == 8 == (
+                _metric(worker, "bikewatch_batches_total")
+                + _metric(worker, "bikewatch_duplicate_batches_total") + rejected)
             assert _metric(worker, "bikewatch_station_up", station="SP-0040",
                            zone="shangpan") == 1
             assert _metric(worker, "bikewatch_station_up", station="SP-0042",
