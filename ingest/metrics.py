@@ -76,6 +76,10 @@ class Metrics:
         self.station_transitions = Counter(
             "bikewatch_station_transitions", "Station up/down changes stored, by zone and the "
             "state changed to", ["zone", "to"], registry=registry)
+        self.missing_batches = Gauge(
+            "bikewatch_missing_batches", "Batches missing from stations' seq ranges (within "
+            "a boot) over the last 5 minutes, by zone: lost upstream, or still to come late",
+            ["zone"], registry=registry)
         self.health_owner = Gauge(
             "bikewatch_health_owner", "1 on the worker that stores station transitions and "
             "publishes health events (registry.lease); every worker tracks and exposes the "

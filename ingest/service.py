@@ -48,6 +48,8 @@ from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain, materialize
 from registry.db import open_database
+from registry.gaps import WINDOW_MS as GAP_WINDOW_MS
+from registry.gaps import missing_batches
 from registry.lease import HEALTH, Lease
 from registry.models import RejectRecord, SeenBatch
 from registry.notify import listen
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 REFRESH_S = 0.25      # registry changes reach the hot path within a second (PROTOCOL.md 4)
 MAINTAIN_S = 30.0
 RETENTION_S = 3_600.0  # sightings past the retention are deleted hourly
+GAPS_S = 30.0          # seq gaps (registry.gaps) are looked for this often
 OPEN_VISITS_KEPT_MS = 10 * 60_000
 # Trajectories of bikes that are not stolen lag the reads by about this much; a longer
 # interval folds more of each visit's segments into one row before it is written.
@@ -111,6 +114,7 @@ class Worker:
         self.on_alert: Callable[[RaisedAlert], None] | None = None
         self._version = -1
         self.health_lease = Lease(engine, HEALTH, "station health")
+        self._gap_zones: set[str] = set()  # zones with a gauge: reset to 0 when healed
 
     async def run(self) -> None:
         """Run until `stop` is set. Raises ConfigError if the broker cannot be reached."""
@@ -155,6 +159,7 @@ class Worker:
                     tg.create_task(self._every(MAINTAIN_S, self._maintain), name="maintain"),
                     tg.create_task(self._every(RETENTION_S, self.forget_sightings),
                                    name="retention"),
+                    tg.create_task(self._every(GAPS_S, self._gaps), name="gaps"),
                     tg.create_task(self._every(FORECAST_REFRESH_S, self._learn),
                                    name="forecast"),
                     tg.create_task(self._every(OUTBOX_GAUGES_S, self._outbox_gauges),
@@ -348,6 +353,21 @@ class Worker:
         # still meet them, and the late path looks in the table anyway.
         self.pipeline.tracker.prune(now - OPEN_VISITS_KEPT_MS)
 
+
+    async def _gaps(self) -> None:
+        """Batches missing per zone: derived from the database, the same on every worker."""
+        missing = await missing_batches(self.engine, self.clock() - GAP_WINDOW_MS)
+        by_zone: dict[str, int] = dict.fromkeys(self._gap_zones, 0)
+        for station, n in missing.items():
+            zone = self.pipeline.directory.get(station, UNKNOWN).zone
+            by_zone[zone] = by_zone.get(zone, 0) + n
+        for zone, n in by_zone.items():
+            self.metrics.missing_batches.labels(zone).set(n)
+        self._gap_zones = set(by_zone)
+        if missing:
+            worst = sorted(missing.items(), key=lambda kv: -kv[1])[:5]
+            log.warning("batches missing in the last %d min: %s", GAP_WINDOW_MS // 60_000,
+                        ", ".join(f"{s} {n}" for s, n in worst))
 
     async def forget_sightings(self) -> int:
         """Delete the sightings past the retention (registry.retention)."""

@@ -173,6 +173,23 @@ class TestIntake:
                 assert (bad.status_code, bad.json()["code"]) == (400, "bad_request")
 
 
+    async def test_a_gap_in_seq_is_counted_until_the_batch_comes(
+            self, broker: BrokerHandle, db_url: str) -> None:
+        async with town(broker, db_url, None) as (settings, worker, _, pub):
+            t0 = wall_ms()
+            topic = f"{settings.mqtt_root}/stations/SP-0040/reads"
+            for seq in (1, 2, 4, 5):  # seq 3 lost on the way, for now
+                pub.raw(topic, encode_binary(7, seq, t0, [seq], [0]))
+            pub.raw(topic, encode_binary(8, 1, t0, [9], [0]))  # a reboot: a new range
+            assert await until(lambda: _metric(worker, "bikewatch_batches_total") == 5)
+            await worker._gaps()
+            assert _metric(worker, "bikewatch_missing_batches", zone="shangpan") == 1
+            pub.raw(topic, encode_binary(7, 3, t0, [3], [0]))  # sent late after all
+            assert await until(lambda: _metric(worker, "bikewatch_batches_total") == 6)
+            await worker._gaps()
+            assert _metric(worker, "bikewatch_missing_batches", zone="shangpan") == 0
+
+
 class TestStationUptime:
     async def test_up_silent_back_offline_stored_reported_and_served(
             self, broker: BrokerHandle, db_url: str) -> None:

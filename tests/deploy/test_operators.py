@@ -83,7 +83,7 @@ class TestPromtool:
         names = {r["alert"] for r in _rules()}
         assert names == {"BikewatchFleetBelowTarget", "BikewatchStationDown",
                          "BikewatchStationFlapping", "BikewatchStationUpNoReads",
-                         "BikewatchIngestRejecting"}
+                         "BikewatchIngestRejecting", "BikewatchBatchesMissing"}
         fleet = next(r for r in _rules() if r["alert"] == "BikewatchFleetBelowTarget")
         assert fleet["for"] == "5m"
 
@@ -206,7 +206,9 @@ async def test_every_panel_and_rule_has_data_in_a_real_prometheus(
                     pub.reads("SP-0040", np.array([STOLEN, 0x99 + second], np.uint64),
                               np.array([t, t]), np.array([-50, -60]), t)
                     pub.raw(f"{root}/stations/SP-0040/reads", b"[not a batch]")
+                    pub.seq["SP-0040"] += 1  # a batch lost upstream: a gap in seq
                     await asyncio.sleep(1)
+                    await worker._gaps()
                 assert worker.registry.get_sample_value(
                     "bikewatch_alerts_total", {"kind": "stolen_sighting"}) == 1
                 queries = [*_dashboard_queries(),
