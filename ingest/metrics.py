@@ -48,6 +48,10 @@ class Metrics:
             "bikewatch_received_batches", "Read payloads received; each is accepted "
             "(bikewatch_batches_total), a duplicate (bikewatch_duplicate_batches_total) or "
             "rejected (bikewatch_rejected_total)", registry=registry)
+        self.intake_lag = Gauge(
+            "bikewatch_intake_lag_seconds", "Age of the oldest message being processed: "
+            "how far behind the worker is (it grows while the database is slow or away; "
+            "0 when caught up)", registry=registry)
         self.inflight = Gauge("bikewatch_inflight_messages",
                               "Messages received and not yet acknowledged", registry=registry)
         self.group_seconds = Histogram(

@@ -115,6 +115,12 @@ class Worker:
         self._version = -1
         self.health_lease = Lease(engine, HEALTH, "station health")
         self._gap_zones: set[str] = set()  # zones with a gauge: reset to 0 when healed
+        # Received time of the oldest message in hand, None when caught up: the intake lag
+        # is computed at scrape time, so it grows while a group waits for the database.
+        self._behind_since: int | None = None
+        self.metrics.intake_lag.set_function(
+            lambda: 0 if self._behind_since is None
+            else max(0, self.clock() - self._behind_since) / 1000)
 
     async def run(self) -> None:
         """Run until `stop` is set. Raises ConfigError if the broker cannot be reached."""
@@ -193,7 +199,10 @@ class Worker:
             # The group must end committed-and-acked or untouched, never halfway:
             # shield it from cancellation, which then takes effect at the next take().
             self.metrics.inflight.set(len(msgs) + len(inbox))
+            self._behind_since = msgs[0].received_ms
             await asyncio.shield(self._group(msgs, link))
+            if not inbox:  # caught up
+                self._behind_since = None
 
     async def _group(self, msgs: list[Inbound], link: MqttLink) -> None:
         delay = 0.1

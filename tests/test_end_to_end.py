@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import httpx
@@ -188,6 +189,27 @@ class TestIntake:
             assert await until(lambda: _metric(worker, "bikewatch_batches_total") == 6)
             await worker._gaps()
             assert _metric(worker, "bikewatch_missing_batches", zone="shangpan") == 0
+
+
+    async def test_a_locked_database_holds_intake_then_everything_is_stored(
+            self, broker: BrokerHandle, sqlite_url: str) -> None:
+        async with town(broker, sqlite_url, None) as (settings, worker, _, pub):
+            topic = f"{settings.mqtt_root}/stations/SP-0040/reads"
+            lock = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None,
+                                   timeout=30)
+            lock.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            try:
+                t0 = wall_ms()
+                for seq in range(1, 4):
+                    pub.raw(topic, encode_binary(7, seq, t0, [seq], [0]))
+                await asyncio.sleep(2.5)
+                assert (_metric(worker, "bikewatch_intake_lag_seconds") or 0) >= 2
+                assert _metric(worker, "bikewatch_batches_total") == 0  # none committed
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            assert await until(lambda: _metric(worker, "bikewatch_batches_total") == 3, 15)
+            assert await until(lambda: _metric(worker, "bikewatch_intake_lag_seconds") == 0)
 
 
 class TestStationUptime:
