@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ingest.clock import parse_iso, wall_ms
+from ingest.clock import iso, parse_iso, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.reports import FORMATS
@@ -223,7 +222,7 @@ async def _trajectory(settings: Settings, args: argparse.Namespace) -> int:
         if not visits:
             print(f"no visits of {format_tag(tag)}")
         for v in visits:
-            print(f"{_iso(v['first_ms'])}  {_iso(v['last_ms'])}  {v['station']:<16} "
+            print(f"{iso(v['first_ms'])}  {iso(v['last_ms'])}  {v['station']:<16} "
                   f"{v['zone']:<12} reads={v['reads']} rssi={v['best_rssi']}")
         return EXIT_OK
 
@@ -236,7 +235,7 @@ async def _rejects(settings: Settings, args: argparse.Namespace) -> int:
     async def job(engine: Any) -> int:
         def line(r: dict[str, Any]) -> str:
             what = f"{r['reads']} read(s)" if r["reads"] else "payload"
-            return (f"{_iso(r['received_ms'])}  {r['station']:<16} {r['reason']:<16} "
+            return (f"{iso(r['received_ms'])}  {r['station']:<16} {r['reason']:<16} "
                     f"{what:<12} boot={r['boot']} seq={r['seq']}  {r['detail']}  "
                     f"{r['payload_prefix'][:60]!r}")
 
@@ -257,7 +256,7 @@ async def _deliveries(settings: Settings, args: argparse.Namespace) -> int:
             return EXIT_OK
         _print_rows(await list_deliveries(engine, args.state, args.webhook, args.limit),
                     args.json, "no deliveries", lambda r: (
-                        f"{_iso(r['created_ms'])}  {r['webhook']:<16} {r['state']:<9} "
+                        f"{iso(r['created_ms'])}  {r['webhook']:<16} {r['state']:<9} "
                         f"attempts={r['attempts']:<3} {r['kind']} {r['case_id']} "
                         f"{r['alert_id']}  {r['last_error']}"))
         return EXIT_OK
@@ -303,8 +302,8 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
         else:
             _print_rows(await list_tokens(engine), args.json, "no tokens", lambda r: (
                 f"{r['name']:<24} {r['role']:<7} {','.join(r['zones']) or '-':<20} "
-                f"created {_iso(r['created_ms'])}"
-                + (f"  revoked {_iso(r['revoked_ms'])}" if r["revoked_ms"] else "")))
+                f"created {iso(r['created_ms'])}"
+                + (f"  revoked {iso(r['revoked_ms'])}" if r["revoked_ms"] else "")))
         return EXIT_OK
 
     return await _with_db(settings, job)
@@ -336,10 +335,6 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, empty: str,
         print(empty)
     for r in rows:
         print(line(r))
-
-
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds")
 
 
 async def _until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:

@@ -24,3 +24,8 @@ def parse_iso(text: str, tz: zoneinfo.ZoneInfo) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=tz)
     return int(when.timestamp() * 1000)
+
+
+def iso(ms: int, timespec: str = "milliseconds") -> str:
+    """Epoch ms to ISO 8601 in UTC: what `parse_iso` reads back."""
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec=timespec)

@@ -5,7 +5,6 @@ coverage (`bikewatch report registration`, `GET /api/v1/reports/registration`)."
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 from typing import Any
 
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.clock import parse_iso
+from ingest.clock import iso, parse_iso
 from ingest.config import Settings
 from registry.availability import StationUptime, UptimeReport, uptime_report
 from registry.coverage import Coverage, coverage_report
@@ -42,7 +41,7 @@ async def uptime_for(engine: AsyncEngine, settings: Settings, from_text: str | N
 
 
 def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
+    return iso(ms, "seconds")
 
 
 def _station(s: StationUptime) -> dict[str, Any]:

@@ -9,7 +9,6 @@ clerks only, and audited in the read's transaction).
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ingest.clock import iso
 from registry.errors import Invalid, NotFound, Refused
 from registry.imports import (
     OWNER_FIELDS,
@@ -156,7 +156,7 @@ def _checked_vehicle(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _iso(ms: int | None) -> str:
-    return "" if ms is None else dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat()
+    return "" if ms is None else iso(ms)
 
 
 def _csv_line(values: Iterable[object]) -> str:
