@@ -268,23 +268,18 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
     from ingest import reports
 
     async def job(engine: Any) -> int:
-        views: tuple[Callable[..., Any], ...]
         try:
             if args.action == "uptime":
                 report: Any = await reports.uptime_for(engine, settings, args.from_, args.to,
                                                        args.zone, wall_ms())
-                views = (reports.as_json, reports.as_csv, reports.as_table)
             else:
                 report = await reports.coverage_for(engine, args.days, wall_ms())
-                views = (reports.coverage_json, reports.coverage_csv, reports.coverage_table)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if args.format == "json":
-            print(json.dumps(views[0](report), indent=2))
-        elif args.format == "csv":
-            print(views[1](report), end="")
-        else:
-            print(views[2](report, shutil.get_terminal_size((100, 24)).columns), end="")
+        out = reports.render(args.action, report, args.format,
+                             shutil.get_terminal_size((100, 24)).columns)
+        print(json.dumps(out, indent=2) if isinstance(out, dict) else out,
+              end="" if isinstance(out, str) else "\n")
         return EXIT_OK
 
     return await _with_db(settings, job)

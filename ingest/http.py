@@ -32,16 +32,7 @@ from ingest.config import Settings
 from ingest.errors import ConfigError, Reason
 from ingest.paging import Paged, Rows
 from ingest.registry_api import refusable, registry_routes, tag_of
-from ingest.reports import (
-    as_csv,
-    as_json,
-    as_table,
-    coverage_csv,
-    coverage_for,
-    coverage_json,
-    coverage_table,
-    uptime_for,
-)
+from ingest.reports import coverage_for, render, uptime_for
 from registry.imports import NAME_RE
 from registry.queries import list_deliveries, list_rejects, trajectory
 from registry.tokens import ROLES, Principal, create_token, list_tokens, revoke_token
@@ -117,11 +108,7 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
             report = await refusable(uptime_for(engine, settings, from_, to, zone, clock()))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        if format == "csv":
-            return PlainTextResponse(as_csv(report), media_type="text/csv")
-        if format == "table":
-            return PlainTextResponse(as_table(report))
-        return as_json(report)
+        return _rendered("uptime", report, format)
 
     @app.get("/api/v1/reports/registration", response_model=None,
              dependencies=[require("ops", "clerk")], responses=answers("text/csv", "text/plain"))
@@ -131,11 +118,7 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
     ) -> dict[str, Any] | Response:
         """Per community: vehicles registered, heard in the window, unknown tags heard."""
         report = await coverage_for(engine, days, clock())
-        if format == "csv":
-            return PlainTextResponse(coverage_csv(report), media_type="text/csv")
-        if format == "table":
-            return PlainTextResponse(coverage_table(report))
-        return coverage_json(report)
+        return _rendered("registration", report, format)
 
     @app.get("/api/v1/tokens", dependencies=[admin])
     async def tokens() -> list[dict[str, Any]]:
@@ -157,6 +140,13 @@ def build_app(engine: AsyncEngine, metrics_text: Callable[[], bytes], settings: 
 
     app.include_router(registry_routes(engine, settings, clock))
     return app
+
+
+def _rendered(kind: str, report: Any, fmt: str) -> dict[str, Any] | Response:
+    out = render(kind, report, fmt)
+    if isinstance(out, dict):
+        return out
+    return PlainTextResponse(out, media_type="text/csv" if fmt == "csv" else "text/plain")
 
 
 class NewToken(BaseModel):

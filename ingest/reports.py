@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -174,3 +175,17 @@ def coverage_table(c: Coverage, width: int = 100) -> str:
     console.print(table)
     assert isinstance(console.file, io.StringIO)
     return console.file.getvalue()
+
+
+VIEWS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., str], Callable[..., str]]] = {
+    "uptime": (as_json, as_csv, as_table),
+    "registration": (coverage_json, coverage_csv, coverage_table),
+}
+
+
+def render(kind: str, report: Any, fmt: str, width: int = 100) -> dict[str, Any] | str:
+    """A report in one of FORMATS: a JSON document, CSV text or a text table."""
+    as_doc, as_text, as_tab = VIEWS[kind]
+    if fmt == "json":
+        return as_doc(report)
+    return as_text(report) if fmt == "csv" else as_tab(report, width)

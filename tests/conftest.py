@@ -7,9 +7,11 @@ skipping its tests (the brief: the storage layer is tested on both).
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -32,6 +34,21 @@ def broker() -> Iterator[BrokerHandle]:
     handle.stop()
 
 
+def unavailable(msg: str) -> NoReturn:
+    """A suite that cannot run here: skipped on a newcomer's machine, a failure in CI."""
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def tool(name: str, package: str) -> str:
+    """The path of a command the test needs, or `unavailable`."""
+    path = shutil.which(name) or shutil.which(f"/usr/sbin/{name}")
+    if path is None:
+        unavailable(f"{name} is not installed (Debian package {package})")
+    return path
+
+
 async def _pg_admin(sql: str) -> None:
     import asyncpg
 
@@ -48,10 +65,7 @@ async def _fresh_pg() -> str:
     try:
         await _pg_admin(f'CREATE DATABASE "{name}"')
     except (OSError, Exception) as exc:  # asyncpg raises many kinds; any means "not usable"
-        msg = f"PostgreSQL on {PG_HOST}:{PG_PORT} database {PG_DB} not usable: {exc}"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"PostgreSQL on {PG_HOST}:{PG_PORT} database {PG_DB} not usable: {exc}")
     return name
 
 

@@ -28,7 +28,7 @@ from ingest.broker import free_port
 from ingest.clock import wall_ms
 from ingest.config import MqttEndpoint, Settings
 from simulator.publisher import StationPublisher
-from tests.conftest import IN_CI
+from tests.conftest import tool
 from tests.helpers import STOLEN, Police, running_worker, stage_registry, until
 
 pytestmark = pytest.mark.broker
@@ -42,14 +42,8 @@ class SecureBroker:
     """The shipped configuration, with its ports and paths moved into a temporary dir."""
 
     def __init__(self, tmp: Path) -> None:
-        mosquitto = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
-        passwd = shutil.which("mosquitto_passwd")
-        openssl = shutil.which("openssl")
-        if not (mosquitto and passwd and openssl):
-            msg = "needs mosquitto, mosquitto_passwd and openssl (Debian: mosquitto, openssl)"
-            if IN_CI:
-                pytest.fail(msg)
-            pytest.skip(msg)
+        mosquitto, passwd = tool("mosquitto", "mosquitto"), tool("mosquitto_passwd", "mosquitto")
+        openssl = tool("openssl", "openssl")
         self.plain, self.tls = free_port(), free_port()
         certs = tmp / "certs"
         certs.mkdir()

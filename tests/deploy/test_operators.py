@@ -24,7 +24,7 @@ from ingest.clock import wall_ms
 from registry.cases import report_theft
 from registry.db import open_database
 from registry.imports import import_stations, import_vehicles
-from tests.conftest import IN_CI
+from tests.conftest import tool
 from tests.helpers import bearer, publisher, running_worker, settings_for, until
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -44,13 +44,7 @@ STOLEN = 0xA1B2C3
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        msg = f"{name} is not installed (Debian package prometheus; .ci/run installs it)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+    return tool(name, "prometheus; .ci/run installs it")
 
 
 def _rules() -> list[dict[str, Any]]:
