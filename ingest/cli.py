@@ -21,7 +21,7 @@ from typing import Any
 
 from ingest.clock import iso, parse_iso, wall_ms
 from ingest.config import Settings
-from ingest.errors import ConfigError, Reason
+from ingest.errors import ConfigError, Reason, UsageError
 from ingest.reports import FORMATS
 from registry.errors import Refused, StoreError
 from registry.queries import DELIVERY_STATES
@@ -29,10 +29,6 @@ from registry.tags import BadTag, format_tag, parse_tag
 from registry.tokens import ROLES
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad command-line usage (exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_parser("list", help="every token, revoked ones too").add_argument(
         "--json", action="store_true")
 
-    from simulator.cli import add_bench_parser, add_simulate_parser
+    from simulator.cli import add_bench_parser, add_score_parser, add_simulate_parser
 
     add_simulate_parser(sub)
+    add_score_parser(sub)
     add_bench_parser(sub)
     return p
 
@@ -373,7 +370,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             return await _deliveries(settings, args)
         case "token":
             return await _token(settings, args)
-        case "simulate" | "bench":
+        case "simulate" | "bench" | "score":
             from simulator.cli import run_simulator_command
 
             return await _until_signalled(lambda stop: run_simulator_command(args, settings,

@@ -1,21 +1,24 @@
 """`bikewatch demo`: the whole system on one machine, nothing installed beforehand.
 
 A broker of its own on 127.0.0.1 (mosquitto where installed, else amqtt),
-SQLite in a temporary folder (or --data), a 4x4-station town with 300 bikes,
-and one theft staged a few seconds in. The police side is a real MQTT
-subscriber on `{root}/alerts/#`; every alert it receives is printed.
+SQLite in a temporary folder (or --data), a simulated town (`simulator`) of
+24 stations and 2,000 bikes on its morning commute, each station with its own
+MQTT connection and Last Will, a theft about every minute from half a minute
+in, reported by its owner within seconds, now and then a station outage and a
+malformed payload. The police side is a real MQTT subscriber on
+`{root}/alerts/+`; the live view shows what it receives, beside the stations
+online against the target and the reads per second.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import datetime as dt
 import socket
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
@@ -26,16 +29,18 @@ from ingest.broker import start_broker
 from ingest.clock import wall_ms
 from ingest.config import Settings
 from ingest.service import Worker
-from registry.cases import report_theft
 from registry.db import open_database
-from registry.imports import import_stations, import_vehicles
-from registry.tags import format_tag
 from registry.tokens import create_token
-from simulator.publisher import StationPublisher
-from simulator.run import drive
+from simulator.day import Scenario
+from simulator.live import alert_line, demo_view
+from simulator.run import Clerk, Fleet, Progress
+from simulator.session import Session, live, register
 from simulator.town import Town
 
-THEFT_AFTER_S = 5.0
+STATIONS, BIKES = 24, 2_000
+DAY_START_MS = (7 * 60 + 30) * 60_000  # the town's clock at the start: the morning peak
+DEMO = Scenario(theft_rate=50, outage_rate=1.0, skewed=1, quick_reports=True, night_share=0)
+BAD_RATE = 0.005
 console = Console(highlight=False)
 
 
@@ -49,8 +54,7 @@ def _http_address() -> str:
             return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def _police(settings: Settings, out: asyncio.Queue[dict[str, object]],
-            loop: asyncio.AbstractEventLoop) -> paho.Client:
+def _police(settings: Settings, out: list[dict[str, Any]]) -> paho.Client:
     """A police receiver, as an integration would be: subscribed to every zone."""
     ep = settings.mqtt_endpoint()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bikewatch-demo-police")
@@ -65,7 +69,7 @@ def _police(settings: Settings, out: asyncio.Queue[dict[str, object]],
     def on_message(_c: paho.Client, _u: object, m: paho.MQTTMessage) -> None:
         # amqtt 0.12 was seen sending subscribers retained messages of other topics
         if paho.topic_matches_sub(zones, m.topic):
-            loop.call_soon_threadsafe(out.put_nowait, orjson.loads(m.payload))
+            out.append(orjson.loads(m.payload))  # list.append is atomic: no lock
 
     client.on_connect = on_connect
     client.on_message = on_message
@@ -73,24 +77,6 @@ def _police(settings: Settings, out: asyncio.Queue[dict[str, object]],
     client.loop_start()
     connected.wait(10)
     return client
-
-
-def _show(alert: dict[str, object]) -> None:
-    st = alert["station"]
-    assert isinstance(st, dict)
-    traj = alert.get("trajectory") or []
-    assert isinstance(traj, list)
-    path = " → ".join(str(v["station"]) for v in traj)
-    ahead = alert.get("next_stations") or []
-    assert isinstance(ahead, list)
-    nxt = ", ".join(str(x) for x in ahead) or "unknown"
-    when = dt.datetime.fromtimestamp(int(str(alert["seen_ms"])) / 1000, tz=dt.UTC)
-    console.print(
-        f"[bold red]ALERT[/] {alert['kind']} case [bold]{alert['case_id']}[/] "
-        f"update {alert['update']}: tag {alert['tag']} at [bold]{st['id']}[/] "
-        f"({st['name']}, zone {st['zone']}) seen {when:%H:%M:%S}Z, "
-        f"speed {alert['speed_kmh']} km/h, heading {alert['heading_deg']}; path {path}; "
-        f"likely next {nxt}")
 
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -105,16 +91,11 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     console.print(f"[bold]bikewatch demo[/]: broker {broker.kind} on 127.0.0.1:{broker.port}, "
                   f"database {data / 'bikewatch.db'}")
     engine = await open_database(settings.db_url)
-    loop = asyncio.get_running_loop()
-    alerts: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    alerts: list[dict[str, Any]] = []
     police = None
-    pub = None
     try:
-        town = Town(seed=args.seed)
-        now = wall_ms()
-        r1 = await import_stations(engine, town.stations_csv(), now)
-        r2 = await import_vehicles(engine, town.vehicles_csv())
-        console.print(f"registry: {r1.summary('stations')}; {r2.summary('vehicles')}")
+        town = Town(seed=args.seed, stations=STATIONS, bikes=BIKES)
+        console.print(f"registry: {await register(engine, town)}")
         worker = Worker(settings, engine)
         async with asyncio.TaskGroup() as tg:
             run = tg.create_task(worker.run(), name="worker")
@@ -128,38 +109,50 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                           f"tokens: ops {ops}, police {police_token}\n"
                           f"  curl -H 'Authorization: Bearer {ops}' "
                           f"http://{settings.http}/metrics")
-            police = await asyncio.to_thread(_police, settings, alerts, loop)
-            pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root,
-                                   binary_share=0.7)
-            await asyncio.to_thread(pub.connect)
-            traffic = tg.create_task(drive(town, pub, stop, duration_s=args.duration),
-                                     name="traffic")
-            await asyncio.sleep(THEFT_AFTER_S)
-            tag = town.moving_bike()
-            result = await report_theft(engine, tag, "LH-DEMO-0001", wall_ms() - 60_000,
-                                        wall_ms())
-            console.print(f"[yellow]theft reported[/]: {result.message}; "
-                          f"watch for tag {format_tag(tag)} passing a station")
-            while not traffic.done():  # ends on --duration, Ctrl-C or SIGTERM
-                with contextlib.suppress(TimeoutError):
-                    _show(await asyncio.wait_for(alerts.get(), 1.0))
-            await traffic
-            while not alerts.empty():
-                _show(alerts.get_nowait())
+            police = await asyncio.to_thread(_police, settings, alerts)
+            fleet = Fleet(settings.mqtt_endpoint(), settings.mqtt_root, town.station_ids,
+                          client_prefix="bikewatch-demo-station")
+            session = Session(town, fleet, Clerk(engine, asyncio.get_running_loop()), DEMO,
+                              1.0, BAD_RATE, DAY_START_MS, Progress())
+            rate = _Rate()
+
+            def view() -> object:
+                reads = worker.registry.get_sample_value("bikewatch_reads_total") or 0.0
+                target = worker.health.target()
+                return demo_view(session.progress, session.midnight_ms, len(town.station_ids),
+                                 worker.health.online_ratio(), target.ratio, target.stage,
+                                 reads, rate(reads), alerts)
+
+            await live(session, args.duration, stop, view)
+            for a in alerts:
+                console.print(alert_line(a, session.midnight_ms))
             reads = worker.registry.get_sample_value("bikewatch_reads_total") or 0
             target = worker.health.target()
-            console.print(f"done: {int(reads)} reads accepted, stations online "
-                          f"{worker.health.online_ratio():.0%} (target {target.ratio:.0%}, "
-                          f"stage {target.stage}); `bikewatch report uptime` has the detail")
+            console.print(f"done: {int(reads)} reads accepted, {len(alerts)} alerts, stations "
+                          f"online {worker.health.online_ratio():.0%} (target "
+                          f"{target.ratio:.0%}, stage {target.stage}); `bikewatch report "
+                          f"uptime` has the detail")
             worker.stop.set()
     finally:
         if police is not None:
             police.loop_stop()
             police.disconnect()
-        if pub is not None:
-            pub.close()
         await engine.dispose()
         broker.stop()
         if tmp is not None:
             tmp.cleanup()
     return 0
+
+
+class _Rate:
+    """Reads per second between calls, from a growing counter."""
+
+    def __init__(self) -> None:
+        self.t, self.n, self.rate = wall_ms(), 0.0, 0.0
+
+    def __call__(self, n: float) -> float:
+        now = wall_ms()
+        if now - self.t >= 1000:
+            self.rate = (n - self.n) * 1000 / (now - self.t)
+            self.t, self.n = now, n
+        return self.rate

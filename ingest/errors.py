@@ -52,6 +52,10 @@ class Rejected(IngestError):
         self.seq = seq
 
 
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
 class ConfigError(IngestError):
     """A setting that cannot be used. The message names the setting."""
 

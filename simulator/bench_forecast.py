@@ -17,22 +17,23 @@ import numpy as np
 from alerts.forecast import Forecast
 from registry.stations import StationInfo
 from simulator.report import Report
-from simulator.town import Town
+from simulator.roads import Grid
 
 TRIPS = 10
 TRAIN_SHARE = 0.7
 DETOUR = 0.15
 
 
-def _ride(town: Town, a: int, b: int, rows_first: bool, rng: np.random.Generator) -> list[int]:
+def _ride(grid: Grid, a: int, b: int, rows_first: bool, rng: np.random.Generator) -> list[int]:
     path, cur, came = [a], a, -1
-    while cur != b and len(path) < 4 * (town.rows + town.cols):
-        r, c = divmod(cur, town.cols)
-        rb, cb = divmod(b, town.cols)
-        if rng.random() < DETOUR:
-            nxt = town.next_node(cur, came)
+    while cur != b and len(path) < 4 * (grid.rows + grid.cols):
+        r, c = grid.rc(cur)
+        rb, cb = grid.rc(b)
+        if rng.random() < DETOUR:  # any street but the one it came by
+            choices = [n for n in grid.neighbours(cur) if n != came] or grid.neighbours(cur)
+            nxt = choices[int(rng.integers(0, len(choices)))]
         elif (rows_first and r != rb) or c == cb:
-            nxt = cur + town.cols * (1 if rb > r else -1)
+            nxt = cur + grid.cols * (1 if rb > r else -1)
         else:
             nxt = cur + (1 if cb > c else -1)
         path.append(nxt)
@@ -42,11 +43,11 @@ def _ride(town: Town, a: int, b: int, rows_first: bool, rng: np.random.Generator
 
 def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
     """top-1 and top-3 hit rates of the forecast and the two baselines."""
-    town = Town(seed=seed, rows=8, cols=8, bikes=1)
+    grid = Grid(8, 8, block_m=400.0)  # a station at every crossing
     rng = np.random.default_rng(seed)
-    n = town.rows * town.cols
-    names = tuple(town.station_ids)
-    directory = {sid: StationInfo(sid, sid, *town.latlon(i), town.zone(i), True)
+    n = grid.nodes
+    names = tuple(f"SP-{i:04d}" for i in range(n))
+    directory = {sid: StationInfo(sid, sid, *grid.latlon(i), grid.zone(i), True)
                  for i, sid in enumerate(names)}
     train: list[tuple[int, int, int, int]] = []  # tag, station, first_ms, last_ms
     test: list[list[int]] = []
@@ -56,7 +57,7 @@ def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
         t = 0
         for trip in range(TRIPS):
             a, b = (home, work) if trip % 2 == 0 else (work, home)
-            path = _ride(town, int(a), int(b), rows_first, rng)
+            path = _ride(grid, int(a), int(b), rows_first, rng)
             if trip < TRIPS * TRAIN_SHARE:
                 for node in path:
                     train.append((bike, node, t, t + 20_000))

@@ -7,20 +7,48 @@ import asyncio
 from typing import Any
 
 from ingest.config import Settings
+from ingest.errors import UsageError
 
 
 def add_simulate_parser(sub: Any) -> None:
     p = sub.add_parser("simulate", help="publish a simulated town's traffic to a broker")
-    p.add_argument("--rows", type=int, default=4, help="street grid rows (stations = rows*cols)")
-    p.add_argument("--cols", type=int, default=4)
-    p.add_argument("--bikes", type=int, default=300)
-    p.add_argument("--speedup", type=float, default=1.0, help="simulated seconds per second")
-    p.add_argument("--duration", type=float, default=60.0, help="wall seconds (0: until ^C)")
+    p.add_argument("--stations", type=int, default=40)
+    p.add_argument("--bikes", type=int, default=2_000)
+    p.add_argument("--spacing", type=float, default=400.0, metavar="M",
+                   help="metres between stations along a road")
+    p.add_argument("--speedup", type=float, default=1.0,
+                   help="simulated seconds per second; above 1 the simulated window ends now")
+    p.add_argument("--duration", type=float, default=60.0, metavar="S",
+                   help="wall seconds (0: until ^C, speed-up 1 only)")
+    p.add_argument("--start", default="07:00", metavar="HH:MM",
+                   help="the town's clock when the run starts")
+    p.add_argument("--theft-rate", type=float, default=1.0, metavar="PER_HOUR",
+                   help="thefts per simulated hour")
+    p.add_argument("--outage-rate", type=float, default=0.5, metavar="PER_DAY",
+                   help="outages per station per simulated day")
+    p.add_argument("--bad-rate", type=float, default=0.01, metavar="SHARE",
+                   help="malformed payloads per good batch")
     p.add_argument("--binary-share", type=float, default=0.8,
                    help="share of batches sent binary, the rest JSON")
+    p.add_argument("--skewed", type=int, default=-1, metavar="N",
+                   help="stations with wrong clocks (default: one in twenty)")
+    p.add_argument("--clients", choices=("station", "shared"), default="station",
+                   help="one MQTT client per station, each with its Last Will, or one shared")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--truth", metavar="FILE", help="write the ground truth here, for "
+                   "`bikewatch score`")
+    p.add_argument("--register", action="store_true",
+                   help="import the town's stations and vehicles into the registry first")
+    p.add_argument("--no-reports", action="store_true",
+                   help="do not file the owners' reports and recoveries in the registry")
     p.add_argument("--csv-dir", metavar="DIR",
                    help="also write stations.csv and vehicles.csv of the town here")
+
+
+def add_score_parser(sub: Any) -> None:
+    p = sub.add_parser("score", help="what bikewatch reported against a simulation's truth")
+    p.add_argument("--truth", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -39,39 +67,26 @@ def add_bench_parser(sub: Any) -> None:
                         "20,000 with --quick; 0 skips them)")
 
 
+def _clock(text: str) -> int:
+    try:
+        h, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        h = m = -1
+    if not (0 <= h < 24 and 0 <= m < 60):
+        raise UsageError(f"--start {text!r} is not a time of day HH:MM")
+    return (h * 60 + m) * 60_000
+
+
 async def run_simulator_command(args: argparse.Namespace, settings: Settings,
                                 stop: asyncio.Event) -> int:
     if args.command == "bench":
         from simulator.bench import run_bench
 
         return await run_bench(args, settings, stop)
-    from pathlib import Path
+    if args.command == "score":
+        from simulator.session import score_command
 
-    from simulator.publisher import StationPublisher
-    from simulator.run import drive
-    from simulator.town import Town
+        return await score_command(args, settings)
+    from simulator.session import simulate_command
 
-    town = Town(seed=args.seed, rows=args.rows, cols=args.cols, bikes=args.bikes)
-    if args.csv_dir:
-        out = Path(args.csv_dir)
-
-        def write() -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "stations.csv").write_text(town.stations_csv())
-            (out / "vehicles.csv").write_text(town.vehicles_csv())
-
-        await asyncio.to_thread(write)
-    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root,
-                           binary_share=args.binary_share)
-    try:
-        await asyncio.to_thread(pub.connect)
-    except OSError as exc:
-        from ingest.errors import ConfigError
-
-        raise ConfigError("BIKEWATCH_MQTT_URL", f"cannot connect: {exc}") from None
-    try:
-        await drive(town, pub, stop, duration_s=args.duration, speedup=args.speedup)
-    finally:
-        pub.close()
-    print(f"sent {pub.sent_batches} batches, {pub.sent_reads} reads")
-    return 0
+    return await simulate_command(args, settings, stop, _clock(args.start))
