@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("serve", help="run the worker, alert delivery, the HTTP API and /metrics")
+    serve = sub.add_parser("serve", help="run the worker, alert delivery, the HTTP API and "
+                           "/metrics")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="N worker processes, HTTP on the configured port and the next "
+                            "N-1 (default 1: this process)")
     demo = sub.add_parser("demo", help="the whole system on one machine, nothing installed")
     demo.add_argument("--duration", type=float, default=0, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
@@ -346,6 +350,16 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     match args.command:
         case "serve":
             from ingest.service import serve
+
+            if args.workers < 1:
+                raise UsageError("--workers must be at least 1")
+            if args.workers > 1:
+                from ingest.workers import supervise
+
+                again = (["--config", args.config] if args.config else []) + (
+                    ["-v"] if args.verbose else []) + ["serve"]
+                return await _until_signalled(
+                    lambda stop: supervise(settings, args.workers, again, stop))
 
             async def main(stop: asyncio.Event) -> int:
                 await serve(settings, stop)

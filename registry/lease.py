@@ -1,18 +1,25 @@
-"""One worker among many holds a role: a PostgreSQL session advisory lock.
+"""One worker among many holds a role: a lock that dies with its holder.
 
 Station health is tracked by every worker (each sees every status and heartbeat),
 so that any worker's `/metrics` shows the same stations up and down; but one only,
 the holder of the health lease, stores the transitions and tells operators, or N
-workers would record each change N times. The lock belongs to one connection: if
-the holder dies, PostgreSQL ends its session and releases it, and another worker
-takes it within `RETRY_S`. On SQLite, one machine and one worker, it is always held.
+workers would record each change N times.
+
+On PostgreSQL the lease is a session advisory lock: if the holder dies,
+PostgreSQL ends its session and releases it. On SQLite (workers on one machine:
+`bikewatch serve --workers N`) it is an exclusive `flock` on a file beside the
+database, which the kernel releases when the holder's process ends. Either way
+another worker takes it within `RETRY_S`. An in-memory SQLite database has one
+worker by nature: it always holds the lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -26,7 +33,11 @@ log = logging.getLogger(__name__)
 class Lease:
     def __init__(self, engine: AsyncEngine, key: int, name: str) -> None:
         self.engine, self.key, self.name = engine, key, name
-        self.held = engine.dialect.name != "postgresql"
+        db = engine.url.database
+        self.lock_file = (f"{db}.{name.replace(' ', '-')}.lock"
+                          if engine.dialect.name == "sqlite" and db and db != ":memory:"
+                          else None)
+        self.held = engine.dialect.name != "postgresql" and self.lock_file is None
         self.gained = asyncio.Event()  # set on every gain; the holder clears it
         self.decided = asyncio.Event()  # the first attempt is over, held or not
 
@@ -38,7 +49,8 @@ class Lease:
             return
         while not stop.is_set():
             try:
-                await self._session(stop)
+                await (self._session(stop) if self.lock_file is None
+                       else self._file_session(self.lock_file, stop))
             except (DBAPIError, OSError) as exc:
                 log.warning("%s lease: %s", self.name, str(exc).splitlines()[0][:200])
             self.decided.set()
@@ -66,3 +78,22 @@ class Lease:
             if self.held:
                 await raw.fetchval("SELECT pg_advisory_unlock($1)", self.key)
                 self.held = False
+
+    async def _file_session(self, path: str, stop: asyncio.Event) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while not stop.is_set():
+                if not self.held:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        self.held = True
+                        log.info("%s lease taken", self.name)
+                        self.gained.set()
+                    except BlockingIOError:
+                        pass  # another worker's
+                    self.decided.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_S)
+        finally:
+            os.close(fd)  # releases the lock
+            self.held = False

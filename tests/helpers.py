@@ -14,6 +14,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 
 from ingest.broker import BrokerHandle, free_port
 from ingest.clock import wall_ms
@@ -22,6 +23,7 @@ from ingest.service import Worker
 from registry.cases import report_theft
 from registry.db import open_database
 from registry.imports import import_stations, import_vehicles
+from registry.models import SeenBatch, Visit
 from registry.tokens import create_token
 from simulator.publisher import StationPublisher
 
@@ -146,6 +148,18 @@ VEHICLES = """tag,plate,owner_name,owner_phone,brand,color
 """
 STOLEN = 0xA1B2C3
 INNOCENT = 0xA1B2C4
+
+
+async def stored_counts(url: str) -> tuple[int, int]:
+    """Batches taken (their dedupe keys) and reads stored (in visits) so far."""
+    engine = await open_database(url)
+    try:
+        async with engine.connect() as conn:
+            batches = (await conn.execute(select(func.count()).select_from(SeenBatch))).scalar()
+            reads = (await conn.execute(select(func.coalesce(func.sum(Visit.reads), 0)))).scalar()
+        return int(batches or 0), int(reads or 0)
+    finally:
+        await engine.dispose()
 
 
 async def stage_registry(db_url: str) -> None:

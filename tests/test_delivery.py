@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
 
 from ingest.broker import BrokerHandle, free_port
 from ingest.clock import wall_ms
 from ingest.config import Settings
 from registry.db import open_database
-from registry.models import SeenBatch, Visit
 from simulator.publisher import StationPublisher
+from tests.helpers import stored_counts
 
 pytestmark = pytest.mark.broker
 
@@ -32,17 +31,6 @@ READS = 25
 def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def _counts(url: str) -> tuple[int, int]:
-    engine = await open_database(url)
-    try:
-        async with engine.connect() as conn:
-            batches = (await conn.execute(select(func.count()).select_from(SeenBatch))).scalar()
-            reads = (await conn.execute(select(func.coalesce(func.sum(Visit.reads), 0)))).scalar()
-        return int(batches or 0), int(reads or 0)
-    finally:
-        await engine.dispose()
 
 
 async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerHandle,
@@ -85,7 +73,7 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
         deadline = time.monotonic() + 60
         batches = reads = 0
         while time.monotonic() < deadline:
-            batches, reads = await _counts(db)  # visits are folded in from the log
+            batches, reads = await stored_counts(db)  # visits are folded in from the log
             if batches >= BATCHES and reads >= BATCHES * READS:  # within a second or so
                 break
             await asyncio.sleep(0.5)

@@ -1,6 +1,7 @@
-"""Two workers on one PostgreSQL: both track every station (same /metrics), one stores
-the transitions and tells operators, each change once; when it stops, the other
-takes over and the record goes on without a gap."""
+"""Two workers on one database (PostgreSQL: an advisory lock; SQLite: a file lock):
+both track every station (same /metrics), one stores the transitions and tells
+operators, each change once; when it stops, the other takes over and the record
+goes on without a gap."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tests.helpers import (
     until,
 )
 
-pytestmark = [pytest.mark.broker, pytest.mark.postgres]
+pytestmark = [pytest.mark.broker]
 
 
 async def _stored(db_url: str, station: str) -> list[tuple[bool, str]]:
@@ -44,7 +45,9 @@ def _up(worker: Worker) -> float | None:
     return metric(worker, "bikewatch_station_up", station="SP-0040", zone="shangpan")
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite",
+                                    pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
 async def test_one_worker_stores_health_and_another_takes_over(broker: BrokerHandle,
                                                                db_url: str) -> None:
     await stage_registry(db_url)
