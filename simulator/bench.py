@@ -34,6 +34,7 @@ from registry.tags import format_tag
 from simulator.bench_forecast import bench_forecast
 from simulator.bench_health import bench_health
 from simulator.bench_registry import bench_registry
+from simulator.bench_workers import bench_workers
 from simulator.loadgen import LoadGen
 from simulator.report import Report
 
@@ -360,6 +361,9 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
                 print(f"  {channel}: {len(ms)} alerts, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
                 report.add("alert latency", f"{channel}, p99 at half load", p99, "ms", p50,
                            "its own p50")
+        with tempfile.TemporaryDirectory() as tmp:
+            await bench_workers(broker, seconds, db_url or f"sqlite+aiosqlite:///{tmp}/w.db",
+                                report, _start_publisher)
         if soak:
             rate, _, (r0, r1), _ = await _worker_run(broker, soak, "binary", db_url=db_url)
             print(f"soak {soak:.0f} s at full load: {rate:,.0f} reads/s, "

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ingest.broker import BrokerHandle, free_port
 from ingest.config import Settings
 from registry.db import open_database
+from simulator.bench_workers import answering
 from simulator.day import Scenario
 from simulator.run import Clerk, Fleet, Progress
 from simulator.score import score
@@ -54,19 +55,6 @@ def _two_free_ports() -> int:
             return port
 
 
-def _answering(ports: tuple[int, ...], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if all(httpx.get(f"http://127.0.0.1:{p}/healthz", timeout=2).status_code == 200
-                   for p in ports):
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)],
                          indirect=True)
@@ -89,7 +77,7 @@ async def test_two_workers_split_the_load_and_one_killed_loses_nothing(
         subprocess.Popen, [sys.executable, "-m", "ingest.cli", "serve", "--workers", "2"],
         env=env)
     try:
-        assert await asyncio.to_thread(_answering, (port, port + 1), 30)
+        assert await asyncio.to_thread(answering, [port, port + 1], 30)
         await asyncio.sleep(1.5)  # subscribed
         first = {c.pid for c in psutil.Process(supervisor.pid).children()}
         assert len(first) == 2
