@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from rich.console import Console
 
 from ingest.broker import start_broker
 from ingest.clock import wall_ms
@@ -34,14 +33,13 @@ from registry.tokens import create_token
 from simulator.day import Scenario
 from simulator.live import alert_line, demo_view
 from simulator.run import Clerk, Fleet, Progress
-from simulator.session import Session, live, register
+from simulator.session import Session, console, live, register
 from simulator.town import Town
 
 STATIONS, BIKES = 24, 2_000
 DAY_START_MS = (7 * 60 + 30) * 60_000  # the town's clock at the start: the morning peak
 DEMO = Scenario(theft_rate=50, outage_rate=1.0, skewed=1, quick_reports=True, night_share=0)
 BAD_RATE = 0.005
-console = Console(highlight=False)
 
 
 def _http_address() -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ingest.clock import parse_iso
@@ -248,9 +248,12 @@ async def _owners(conn: AsyncConnection, keys: Mapping[tuple[str, ...], object],
     found: dict[tuple[str, ...], tuple[int, str, str]] = {}
     ids = [k[1] for k in keys if k[0] == "id"]
     if ids:
-        # `<> ''` as the partial unique index says it: else SQLite cannot use it, and scans.
+        # `<> ''` as the partial unique index says it, as a literal: with a bound parameter
+        # neither SQLite nor PostgreSQL's generic plan (a prepared statement run a sixth
+        # time) can prove the index applies, and each chunk scans every owner.
         for o in await conn.execute(select(Owner.id, Owner.id_number, Owner.name, Owner.phone)
-                                    .where(Owner.id_number.in_(ids), Owner.id_number != "")):
+                                    .where(Owner.id_number.in_(ids),
+                                           Owner.id_number != literal_column("''"))):
             found["id", o.id_number] = (o.id, o.name, o.phone)
     phones = {k[2] for k in keys if k[0] == "np"}
     if phones:  # by the indexed phone key, then the name

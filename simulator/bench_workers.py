@@ -31,15 +31,19 @@ from simulator.report import Report
 StartPublisher = Callable[[BrokerHandle, str, float], "subprocess.Popen[str]"]
 
 
-def _reads(ports: list[int], headers: dict[str, str]) -> float:
-    total = 0.0
+def metric_totals(ports: list[int], headers: dict[str, str]) -> dict[str, float]:
+    """Every sample of the workers' /metrics, summed by name over labels and workers."""
+    total: dict[str, float] = {}
     for port in ports:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=5).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == "bikewatch_reads_total":
-                    total += s.value
+                total[s.name] = total.get(s.name, 0.0) + s.value
     return total
+
+
+def _reads(ports: list[int], headers: dict[str, str]) -> float:
+    return metric_totals(ports, headers).get("bikewatch_reads_total", 0.0)
 
 
 def _cpu(procs: list[psutil.Process]) -> float:

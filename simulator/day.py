@@ -181,7 +181,7 @@ class Planner:
         every = (self.end_ms - self.start_ms) / max(count, 1)
         for n in range(count):
             # the demo's thefts come one after another from its start, the others at random
-            t = (self.start_ms + 20_000 + int(n * every * rng.uniform(0.9, 1.1))
+            t = (self.start_ms + 15_000 + int(n * every * rng.uniform(0.9, 1.1))
                  if sc.quick_reports else self._theft_time())
             night = self._night(t)
             kinds = ("market", "school", "fence") if night else ("market", "school")
@@ -209,7 +209,7 @@ class Planner:
         drop = town.random_place(rng, near=fence.node, blocks=1)
         route, metres = self._route(place, drop)
         speed = float(rng.uniform(25, 35) / 3.6)
-        depart = t + int(rng.uniform(0.1, 0.5) * MIN_MS if sc.quick_reports
+        depart = t + int(rng.uniform(0.1, 0.25) * MIN_MS if sc.quick_reports
                          else rng.uniform(1, 5) * MIN_MS)
         on_route = [i for i, node in enumerate(route) if town.node_station[node] >= 0]
         cut = None

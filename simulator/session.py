@@ -28,7 +28,7 @@ from simulator.score import score
 from simulator.town import Town
 from simulator.truth import Truth
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # a log line stays one line
 
 
 @dataclass(slots=True)

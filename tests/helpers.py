@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -26,6 +27,9 @@ from registry.imports import import_stations, import_vehicles
 from registry.models import SeenBatch, Visit
 from registry.tokens import create_token
 from simulator.publisher import StationPublisher
+
+# Fault tests' traffic multiplier: 1 in CI, 100 for the full size (tests/test_faults.py).
+FAULT_SCALE = float(os.environ.get("BIKEWATCH_FAULT_SCALE", "1"))
 
 
 def settings_for(broker: BrokerHandle, db_url: str, **extra: str) -> Settings:

@@ -20,11 +20,11 @@ from ingest.clock import wall_ms
 from ingest.config import Settings
 from registry.db import open_database
 from simulator.publisher import StationPublisher
-from tests.helpers import stored_counts
+from tests.helpers import FAULT_SCALE, stored_counts
 
 pytestmark = pytest.mark.broker
 
-BATCHES = 400
+BATCHES = int(400 * FAULT_SCALE)  # 40,000 batches, 1,000,000 reads at full size
 READS = 25
 
 
@@ -56,6 +56,8 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
     pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
     pub.connect()
     rng = np.random.default_rng(1)
+    kill_at = set(np.random.default_rng().choice(np.arange(50, BATCHES - 50), 2 + BATCHES // 4000,
+                                                 replace=False).tolist())  # random moments
     t0 = wall_ms()
     kills = 0
     try:
@@ -63,7 +65,7 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
             tags = rng.integers(1, 2**40, READS, dtype=np.uint64)
             pub.reads(f"ST-{i % 7}", tags, np.full(READS, t0 + i, np.int64),
                       np.full(READS, -50, np.int8), t0)
-            if i in (120, 260):  # kill it while it is busy, then start it again
+            if i in kill_at:  # kill it while it is busy, then start it again
                 await asyncio.to_thread(pub.flush, 10)
                 worker.send_signal(signal.SIGKILL)
                 worker.wait(10)
@@ -77,7 +79,8 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
             if batches >= BATCHES and reads >= BATCHES * READS:  # within a second or so
                 break
             await asyncio.sleep(0.5)
-        print(f"sent {BATCHES} batches / {BATCHES * READS} reads, {kills} kills; "
+        print(f"sent {BATCHES} batches / {BATCHES * READS} reads, {kills} kills (after batches "
+              f"{sorted(kill_at)}); "
               f"stored {batches} batches / {reads} reads")
         assert (batches, reads) == (BATCHES, BATCHES * READS)
     finally:

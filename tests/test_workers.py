@@ -16,15 +16,13 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.broker import BrokerHandle, free_port
 from ingest.config import Settings
 from registry.db import open_database
-from simulator.bench_workers import answering
+from simulator.bench_workers import answering, metric_totals
 from simulator.day import Scenario
 from simulator.run import Clerk, Fleet, Progress
 from simulator.score import score
@@ -35,15 +33,6 @@ from tests.helpers import bearer, stored_counts
 
 pytestmark = pytest.mark.broker
 SPEEDUP, SECONDS = 600.0, 24.0  # four simulated hours of the morning
-
-
-def _received(port: int, headers: dict[str, str]) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=5).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "bikewatch_received_batches_total":
-                return s.value
-    return 0.0
 
 
 def _two_free_ports() -> int:
@@ -89,7 +78,8 @@ async def test_two_workers_split_the_load_and_one_killed_loses_nothing(
                           SPEEDUP, 0.0, 7 * 3_600_000, Progress())
         play = asyncio.create_task(session.play(SECONDS, asyncio.Event()))
         await asyncio.sleep(SECONDS / 2)
-        split = [await asyncio.to_thread(_received, p, ops) for p in (port, port + 1)]
+        split = [(await asyncio.to_thread(metric_totals, [p], ops)).get(
+            "bikewatch_received_batches_total", 0) for p in (port, port + 1)]
         victim = sorted(first)[0]
         os.kill(victim, signal.SIGKILL)
         (truth,) = await play

@@ -1,0 +1,284 @@
+"""Fault tests: a station resending its last 100 batches, a flood of malformed payloads,
+stations with wrong clocks, and the broker restarted mid-run with the shipped durable
+configuration. Each prints what was sent, stored and alerted, and checks that every
+payload is accounted for: received = accepted + duplicate + rejected.
+
+CI runs them at a reduced size; BIKEWATCH_FAULT_SCALE=N multiplies the traffic
+(`BIKEWATCH_FAULT_SCALE=100 bash deploy/venv-run pytest tests/test_faults.py
+tests/test_delivery.py` sends about 1,000,000 reads through the SIGKILL test)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from ingest.broker import BrokerHandle, free_port
+from ingest.clock import wall_ms
+from ingest.codec import encode_binary
+from ingest.config import Settings
+from registry.db import open_database
+from simulator import malformed
+from simulator.bench_workers import answering, metric_totals
+from simulator.publisher import StationPublisher
+from tests.conftest import tool
+from tests.helpers import (
+    FAULT_SCALE,
+    INNOCENT,
+    STOLEN,
+    bearer,
+    metric,
+    stored_counts,
+    town,
+    until,
+)
+
+pytestmark = pytest.mark.broker
+READS = 25
+ROOT_DIR = Path(__file__).parents[1]
+
+
+def _tags(rng: np.random.Generator, n: int = READS) -> np.ndarray:
+    return rng.integers(1, 2**40, n, dtype=np.uint64)
+
+
+def _accounted(m: dict[str, float]) -> tuple[float, float]:
+    """(received, accepted + duplicate + rejected) from one worker's metrics."""
+    return (m.get("bikewatch_received_batches_total", 0),
+            m.get("bikewatch_batches_total", 0) + m.get("bikewatch_duplicate_batches_total", 0)
+            + m.get("bikewatch_rejected_total", 0))
+
+
+async def test_a_station_that_resends_its_last_100_batches_is_counted_once(
+        broker: BrokerHandle, db_url: str) -> None:
+    n = int(300 * FAULT_SCALE)
+    rng = np.random.default_rng(2)
+    async with town(broker, db_url, None) as (settings, worker, _, pub):
+        topic = f"{settings.mqtt_root}/stations/SP-0040/reads"
+        t0 = wall_ms()
+        sent = [encode_binary(7, seq, t0, _tags(rng), np.arange(READS)) for seq in range(1, n + 1)]
+        for payload in sent:
+            pub.raw(topic, payload)
+        # it reconnects and sends its last 100 again, as a station with a lost PUBACK does
+        for payload in sent[-100:]:
+            pub.raw(topic, payload)
+        assert await asyncio.to_thread(pub.flush, 30)
+        assert await until(lambda: metric(worker, "bikewatch_received_batches_total") == n + 100,
+                           60)
+        assert await until(lambda: (metric(worker, "bikewatch_reads_total") or 0) >= n * READS)
+        batches, reads = await stored_counts(db_url)
+        m = {k: metric(worker, k) or 0 for k in (
+            "bikewatch_received_batches_total", "bikewatch_batches_total",
+            "bikewatch_duplicate_batches_total")}
+        deadline = time.monotonic() + 20
+        while (batches, reads) != (n, n * READS) and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)  # visits are folded in from the log
+            batches, reads = await stored_counts(db_url)
+        print(f"sent {n} batches / {n * READS} reads, then the last 100 again; stored {batches}"
+              f" batches / {reads} reads; duplicates {m['bikewatch_duplicate_batches_total']:.0f}")
+        assert m["bikewatch_duplicate_batches_total"] == 100
+        assert _accounted(m) == (n + 100, n + 100)
+        assert (batches, reads) == (n, n * READS)
+
+
+async def test_stations_with_wrong_clocks_have_every_read_stored_and_the_skew_counted(
+        broker: BrokerHandle, db_url: str) -> None:
+    """A year ahead, a day behind, epoch 0, and a clock that jumps two hours ahead half
+    way: every read stored; those over 5 minutes ahead counted as skew and kept at the
+    receive time; the stolen bike at the year-ahead station alerted, its latency on the
+    service's clock."""
+    async with town(broker, db_url, None) as (_, worker, police, pub):
+        now = wall_ms()
+        year, day = 365 * 86_400_000, 86_400_000
+        plan = [("SP-0040", now + year, STOLEN), ("SP-0042", now - day, INNOCENT),
+                ("SP-0050", 5_000, INNOCENT)]
+        sent = skewed = 0
+        for station, t, tag in plan:
+            pub.reads(station, np.array([tag, INNOCENT + 1], np.uint64), np.array([t, t + 1]),
+                      np.array([-50, -60]), t)
+            sent += 2
+            skewed += 2 * (t > now + 300_000)
+        for i in range(10):  # right, then two hours fast
+            t = wall_ms() + (2 * 3_600_000 if i >= 5 else 0)
+            pub.reads("SP-0042", np.array([INNOCENT + 2], np.uint64), np.array([t]),
+                      np.array([-55]), t)
+            sent += 1
+            skewed += i >= 5
+        assert await until(lambda: metric(worker, "bikewatch_reads_total") == sent)
+        assert await until(lambda: len(police.alerts) >= 1)
+        assert metric(worker, "bikewatch_clock_skew_reads_total") == skewed
+        alert = police.alerts[0]
+        assert alert["station"]["id"] == "SP-0040"  # type: ignore[index]
+        assert abs(int(alert["seen_ms"]) - wall_ms()) < 60_000  # type: ignore[call-overload]
+        latency = metric(worker, "bikewatch_alert_latency_seconds_sum") or 0
+        assert 0 <= latency < 5  # the service's clock, not the station's year-ahead one
+        deadline = time.monotonic() + 20
+        reads = 0
+        while reads < sent and time.monotonic() < deadline:
+            _, reads = await stored_counts(db_url)
+            await asyncio.sleep(0.3)
+        print(f"sent {sent} reads from wrong clocks; stored {reads}; skew counted {skewed}; "
+              f"alerted {len(police.alerts)} (at {alert['station']['id']})")  # type: ignore[index]
+        assert reads == sent
+
+
+def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(300)
+async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Half the traffic malformed (every kind in turn, 1 MiB payloads among them): every
+    good read stored, every bad payload counted by reason. The worker's RSS is printed,
+    not judged: measured, it swings between about 350 and 950 MB with the backlog of
+    large payloads instead of staying flat (issue 7 keeps that open)."""
+    n = int(3_300 * FAULT_SCALE)
+    uid = uuid.uuid4().hex[:8]
+    db = f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"
+    port = free_port()
+    env = os.environ | broker.settings_overrides() | {
+        "BIKEWATCH_DB_URL": db, "BIKEWATCH_MQTT_ROOT": f"f{uid}",
+        "BIKEWATCH_CLIENT_ID": f"flood-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{port}"}
+    await (await open_database(db)).dispose()
+    ops = await bearer(db, "ops")
+    worker = await asyncio.to_thread(_serve, env)
+    settings = Settings.load(None, env)
+    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
+    try:
+        assert await asyncio.to_thread(answering, [port], 30)
+        await asyncio.sleep(1.0)
+        pub.connect()
+        rng = np.random.default_rng(3)
+        rss: list[int] = []
+        bad: dict[str, int] = {}
+        t0 = wall_ms()
+        for i in range(n):
+            station = f"ST-{i % 9}"
+            pub.reads(station, _tags(rng), np.full(READS, t0 + i, np.int64),
+                      np.full(READS, -50, np.int8), t0)
+            kind, _, unit = malformed.KINDS[i % len(malformed.KINDS)]
+            boot, seq = (pub.next_seq(station) if unit == "read"
+                         else (1, malformed.BAD_SEQ_BASE + i))
+            pub.raw(f"{settings.mqtt_root}/stations/{station}/reads",
+                    malformed.make(kind, station, boot, seq, t0))
+            bad[kind] = bad.get(kind, 0) + 1
+            if i in (n // 3, 2 * n // 3, n - 1):
+                await asyncio.to_thread(pub.flush, 60)
+                await asyncio.sleep(1.0)
+                rss.append(psutil.Process(worker.pid).memory_info().rss // 2**20)
+        good = n + sum(v for k, v in bad.items() if k.startswith("read_"))
+        deadline = time.monotonic() + 60
+        m: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            m = await asyncio.to_thread(metric_totals, [port], ops)
+            if m.get("bikewatch_received_batches_total", 0) >= 2 * n:
+                break
+            await asyncio.sleep(0.5)
+        batches, reads = await stored_counts(db)
+        rejected = m.get("bikewatch_rejected_total", 0)
+        print(f"sent {good} good batches / {n * READS} good reads and {n} malformed payloads "
+              f"({bad}); stored {batches} batches / {reads} reads; rejected {rejected:.0f}; "
+              f"worker RSS {rss} MB at a third, two thirds and the end")
+        assert _accounted(m) == (2 * n, 2 * n)
+        assert rejected == sum(v for k, v in bad.items() if not k.startswith("read_"))
+        assert m.get("bikewatch_rejected_reads_total", 0) == sum(
+            v for k, v in bad.items() if k.startswith("read_"))
+        deadline = time.monotonic() + 20
+        while reads < n * READS and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            batches, reads = await stored_counts(db)
+        assert (batches, reads) == (good, n * READS)
+    finally:
+        pub.close()
+        worker.terminate()
+        await asyncio.to_thread(worker.wait, 15)
+
+
+def _durable_broker(port: int, data: Path) -> subprocess.Popen[bytes]:
+    """Mosquitto with the queue and persistence settings of deploy/mosquitto.conf."""
+    shipped = (ROOT_DIR / "deploy" / "mosquitto.conf").read_text().splitlines()
+    keep = [line for line in shipped if line.split(" ")[0] in (
+        "max_queued_messages", "max_queued_bytes", "max_inflight_messages", "persistence",
+        "autosave_interval", "autosave_on_changes", "max_packet_size")]
+    assert "persistence true" in keep and "autosave_interval 1" in keep
+    conf = data / "mosquitto.conf"
+    conf.write_text("\n".join([f"listener {port} 127.0.0.1", "allow_anonymous true",
+                               f"persistence_location {data}/", *keep]) + "\n")
+    return subprocess.Popen([tool("mosquitto", "mosquitto"), "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(300)
+async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on(
+        tmp_path: Path) -> None:
+    """Our own Mosquitto with the shipped durable configuration; a burst the worker has
+    not taken yet is queued in the broker when it restarts: after the restart the
+    worker (never restarted) takes every batch, once, and the traffic goes on."""
+    n1, n2 = int(3_000 * FAULT_SCALE), int(1_000 * FAULT_SCALE)
+    data = tmp_path / "mosquitto"
+    data.mkdir()
+    data.chmod(0o777)  # mosquitto started as root drops to its own user
+    port = free_port()
+    mqtt = await asyncio.to_thread(_durable_broker, port, data)
+    uid = uuid.uuid4().hex[:8]
+    db = f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"
+    http = free_port()
+    env = os.environ | {
+        "BIKEWATCH_MQTT_URL": f"mqtt://127.0.0.1:{port}", "BIKEWATCH_DB_URL": db,
+        "BIKEWATCH_MQTT_ROOT": f"r{uid}", "BIKEWATCH_CLIENT_ID": f"restart-{uid}",
+        "BIKEWATCH_HTTP": f"127.0.0.1:{http}", "BIKEWATCH_GROUP_MESSAGES": "20"}
+    await (await open_database(db)).dispose()
+    await asyncio.sleep(0.5)
+    worker = await asyncio.to_thread(_serve, env)
+    settings = Settings.load(None, env)
+    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
+    rng = np.random.default_rng(4)
+    t0 = wall_ms()
+    try:
+        assert await asyncio.to_thread(answering, [http], 30)
+        await asyncio.sleep(1.5)  # subscribed: its persistent session exists
+        pub.connect()
+        for i in range(n1):
+            pub.reads(f"ST-{i % 7}", _tags(rng), np.full(READS, t0 + i, np.int64),
+                      np.full(READS, -50, np.int8), t0)
+        assert await asyncio.to_thread(pub.flush, 60)
+        queued_at_restart = n1 - (await stored_counts(db))[0]
+        mqtt.send_signal(signal.SIGTERM)  # a restart: it saves its queues and goes
+        await asyncio.to_thread(mqtt.wait, 30)
+        mqtt = await asyncio.to_thread(_durable_broker, port, data)
+        await asyncio.sleep(2.0)  # the clients find it again
+        for i in range(n1, n1 + n2):
+            pub.reads(f"ST-{i % 7}", _tags(rng), np.full(READS, t0 + i, np.int64),
+                      np.full(READS, -50, np.int8), t0)
+        assert await asyncio.to_thread(pub.flush, 60)
+        deadline = time.monotonic() + 90
+        batches = reads = 0
+        while time.monotonic() < deadline:
+            batches, reads = await stored_counts(db)
+            if reads >= (n1 + n2) * READS:
+                break
+            await asyncio.sleep(0.5)
+        print(f"sent {n1} batches, restarted the broker with about {queued_at_restart} not yet "
+              f"taken, sent {n2} more: stored {batches} batches / {reads} reads of "
+              f"{(n1 + n2) * READS}")
+        assert (batches, reads) == (n1 + n2, (n1 + n2) * READS)
+        assert worker.poll() is None  # recovered without a restart
+    finally:
+        pub.close()
+        worker.terminate()
+        await asyncio.to_thread(worker.wait, 15)
+        mqtt.terminate()
+        await asyncio.to_thread(mqtt.wait, 15)
+        shutil.rmtree(data, ignore_errors=True)
