@@ -14,10 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import RaisedAlert
+from registry.db import DB_ERRORS
 from registry.models import Alert
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,14 @@ class Outbox:
         flush of its own, one transaction for many: on SQLite each transaction waits
         for the one write lock, and a mark per alert, waited for before the next
         publish, let alerts queue for seconds behind the hot path (bikewatch bench)."""
-        await self._sweep(0)
+        await self._sweep_or_wait(0)
         try:
             while not stop.is_set():
                 try:
                     first = await asyncio.wait_for(self._queue.get(), min(self.sweep_s, 0.5))
                 except TimeoutError:
                     if self.clock() - self._last_sweep_ms >= self.sweep_s * 1000:
-                        await self._sweep(self.sweep_s)
+                        await self._sweep_or_wait(self.sweep_s)
                     continue
                 batch = [first]
                 while not self._queue.empty() and len(batch) < PUBLISH_BATCH:
@@ -74,7 +74,17 @@ class Outbox:
         finally:
             if self._flushing is not None:
                 await self._flushing
-            await self._flush()
+            try:
+                await self._flush()
+            except DB_ERRORS as exc:  # published, not marked: sent again after the restart
+                log.warning("alerts published but not marked at shutdown: %s", str(exc)[:200])
+
+    async def _sweep_or_wait(self, older_s: float) -> None:
+        """A sweep; if the database is away, the alerts wait in it for the next one."""
+        try:
+            await self._sweep(older_s)
+        except DB_ERRORS as exc:
+            log.warning("outbox sweep: database error: %s", str(exc).splitlines()[0][:200])
 
     async def _deliver_all(self, alerts: list[RaisedAlert]) -> bool:
         """Publish concurrently (QoS 1); True if the broker acknowledged every one."""
@@ -86,7 +96,7 @@ class Outbox:
     async def _flush_soon(self) -> None:
         try:
             await self._flush()
-        except (DBAPIError, OSError) as exc:  # kept in `_unmarked`: the next flush has them
+        except DB_ERRORS as exc:  # kept in `_unmarked`: the next flush has them
             log.warning("alerts published but not marked yet: %s", str(exc)[:200])
 
     async def _deliver(self, alert: RaisedAlert) -> bool:

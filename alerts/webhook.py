@@ -29,11 +29,11 @@ from dataclasses import dataclass, replace
 import httpx
 import orjson
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
 from ingest.config import WebhookReceiver
+from registry.db import DB_ERRORS
 from registry.models import Alert, Delivery, Owner, Vehicle
 from registry.privacy import audit
 from registry.tags import format_tag, from_db
@@ -130,7 +130,7 @@ class WebhookSender:
                             post.cancel()
                             break
                         posted[row.id] = (row, post.result())
-                except (DBAPIError, OSError) as exc:  # the database is away: rows wait
+                except DB_ERRORS as exc:  # the database is away: rows wait
                     log.warning("webhook %s: database error: %s", r.name, str(exc)[:200])
                     due = []
                 finally:
@@ -150,7 +150,7 @@ class WebhookSender:
         batch = list(posted.values())
         try:
             await self._record(name, batch)
-        except (DBAPIError, OSError) as exc:
+        except DB_ERRORS as exc:
             log.warning("webhook %s: results not recorded yet: %s", name, str(exc)[:200])
             return
         for row, _ in batch:

@@ -27,7 +27,6 @@ from collections.abc import Callable
 import uvicorn
 from prometheus_client import CollectorRegistry
 from sqlalchemy import delete, func, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import KIND_STOLEN, KINDS, RaisedAlert
@@ -47,7 +46,7 @@ from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain, materialize
-from registry.db import open_database
+from registry.db import DB_ERRORS, open_database
 from registry.gaps import WINDOW_MS as GAP_WINDOW_MS
 from registry.gaps import missing_batches
 from registry.lease import HEALTH, Lease
@@ -211,7 +210,7 @@ class Worker:
                 try:
                     result = await self.pipeline.process(msgs)
                     break
-                except (DBAPIError, OSError) as exc:
+                except DB_ERRORS as exc:
                     # The database is away: keep the group unacknowledged and try again;
                     # the broker holds everything behind it (backpressure).
                     self.metrics.db_retries.inc()
@@ -245,7 +244,7 @@ class Worker:
                 wake.clear()
             try:
                 await job()  # type: ignore[misc]
-            except (DBAPIError, OSError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("%s: database error: %s", getattr(job, "__name__", "job"),
                             str(exc).splitlines()[0][:200])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
@@ -21,6 +22,12 @@ from registry.errors import StoreError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SUPPORTED = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+# What a database that went away raises: SQLAlchemy's wrapper of the driver's errors, the
+# socket's own, and asyncpg's where its connection is used raw (the health lease, the
+# notifications). Loops that must outlive an outage catch these and try again.
+DB_ERRORS: tuple[type[Exception], ...] = (DBAPIError, OSError, asyncpg.InterfaceError,
+                                          asyncpg.PostgresError)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -96,7 +103,7 @@ async def open_database(url: str, *, migrate: bool = True, revision: str = "head
         async with engine.begin() as conn:
             if migrate:
                 await conn.run_sync(_upgrade, revision)
-    except (DBAPIError, OSError) as exc:
+    except DB_ERRORS as exc:
         await engine.dispose()
         first = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
         raise StoreError(f"BIKEWATCH_DB_URL: cannot use {engine.url!r}: {first}") from None

@@ -22,8 +22,9 @@ import logging
 import os
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from registry.db import DB_ERRORS
 
 HEALTH = 0x6865616C  # "heal"
 RETRY_S = 2.0
@@ -51,7 +52,7 @@ class Lease:
             try:
                 await (self._session(stop) if self.lock_file is None
                        else self._file_session(self.lock_file, stop))
-            except (DBAPIError, OSError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("%s lease: %s", self.name, str(exc).splitlines()[0][:200])
             self.decided.set()
             if self.held:

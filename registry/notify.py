@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from registry.db import DB_ERRORS
 
 CHANNEL = "bikewatch_registry"
 RETRY_S = 2.0
@@ -41,7 +42,7 @@ async def listen(engine: AsyncEngine, wake: Callable[[], None], stop: asyncio.Ev
     while not stop.is_set():
         try:
             await _session(engine, wake, stop)
-        except (DBAPIError, OSError) as exc:
+        except DB_ERRORS as exc:
             log.warning("registry notifications: %s", str(exc).splitlines()[0][:200])
         if not stop.is_set():
             with contextlib.suppress(TimeoutError):

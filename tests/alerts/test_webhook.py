@@ -37,6 +37,7 @@ from registry.privacy import audit_log
 from registry.queries import list_deliveries, requeue_dead
 from simulator.publisher import StationPublisher
 from tests.helpers import (
+    FAULT_SCALE,
     STOLEN,
     metric,
     publisher,
@@ -238,6 +239,39 @@ class TestDelivery:
         ids = {h["webhook-id"] for h, _, _ in down.requests}
         assert len(ids) == 1  # every retry is the same alert, under the same id
         assert len(down.delivered()) == 1
+
+    @pytest.mark.timeout(1200)
+    async def test_a_receiver_down_for_minutes_gets_every_alert_once_when_back(
+            self, broker: BrokerHandle, sqlite_url: str,
+            receivers: tuple[Receiver, Receiver]) -> None:
+        """Issue 7's fault test: down 5 minutes at full size (BIKEWATCH_FAULT_SCALE >= 10),
+        8 s in CI; alerts raised meanwhile are each delivered once after it returns."""
+        down_s = 300.0 if FAULT_SCALE >= 10 else 8.0
+        hook, _ = receivers
+        hook.status = 503
+        async with _served(broker, sqlite_url, BIKEWATCH_WEBHOOKS=_hooks(
+                ("police", hook, ["*"]))) as (worker, pub):
+            started = time.monotonic()
+            for station in ("SP-0040", "SP-0042", "SP-0050"):  # three visits, three alerts
+                # (and an impossible_travel: 1.5 km in a few seconds)
+                _sighting(pub, station)
+                await asyncio.sleep(down_s / 4)
+            await asyncio.sleep(max(0.0, down_s - (time.monotonic() - started)))
+            hook.status = 200
+            back = time.monotonic()
+            # the next retry comes within the backoff reached by then: half to all of it
+            assert await until(lambda: len(hook.delivered()) >= 3,
+                               min(RETRY_CAP_MS / 1000, 2 * down_s) + 30)
+            await asyncio.sleep(2)  # a second copy would have come by now
+            ids = [h["webhook-id"] for h, _ in hook.delivered()]
+            async with worker.engine.connect() as conn:  # three sightings, and the third
+                raised = set((await conn.execute(select(Alert.alert_id))).scalars())
+            print(f"receiver down {down_s:.0f} s: {len(raised)} alerts raised, "
+                  f"{len(hook.requests)} attempts, {len(ids)} delivered "
+                  f"{time.monotonic() - back:.1f} s after it came back")
+            assert len(ids) == len(set(ids)) and set(ids) == raised and len(raised) >= 3
+            assert await until(lambda: metric(worker, "bikewatch_outbox_depth",
+                                              channel="webhook/police") == 0)
 
     async def test_pending_alerts_are_delivered_after_a_restart(
             self, broker: BrokerHandle, sqlite_url: str,
