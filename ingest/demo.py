@@ -32,7 +32,7 @@ from registry.db import open_database
 from registry.tokens import create_token
 from simulator.day import Scenario
 from simulator.live import alert_line, demo_view
-from simulator.run import Clerk, Fleet, Progress
+from simulator.run import Clerk, Fleet, Progress, Rate
 from simulator.session import Session, console, live, register
 from simulator.town import Town
 
@@ -112,7 +112,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                           client_prefix="bikewatch-demo-station")
             session = Session(town, fleet, Clerk(engine, asyncio.get_running_loop()), DEMO,
                               1.0, BAD_RATE, DAY_START_MS, Progress())
-            rate = _Rate()
+            rate = Rate()
 
             def view() -> object:
                 reads = worker.registry.get_sample_value("bikewatch_reads_total") or 0.0
@@ -141,16 +141,3 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             tmp.cleanup()
     return 0
 
-
-class _Rate:
-    """Reads per second between calls, from a growing counter."""
-
-    def __init__(self) -> None:
-        self.t, self.n, self.rate = wall_ms(), 0.0, 0.0
-
-    def __call__(self, n: float) -> float:
-        now = wall_ms()
-        if now - self.t >= 1000:
-            self.rate = (n - self.n) * 1000 / (now - self.t)
-            self.t, self.n = now, n
-        return self.rate

@@ -150,6 +150,20 @@ class Progress:
         self.events = [*self.events[-7:], text]
 
 
+class Rate:
+    """Per second, over about the last second, of a growing counter: call with its value."""
+
+    def __init__(self) -> None:
+        self.t, self.n, self.rate = wall_ms(), 0.0, 0.0
+
+    def __call__(self, n: float) -> float:
+        now = wall_ms()
+        if now - self.t >= 1000:
+            self.rate = (n - self.n) * 1000 / (now - self.t)
+            self.t, self.n = now, n
+        return self.rate
+
+
 def skew(kind: str | None, ts: np.ndarray, start_ms: int, end_ms: int) -> np.ndarray:
     """A station's wrong clock applied to true times."""
     match kind:
@@ -302,7 +316,7 @@ class Runner:
         self.truth.wall_start_ms = wall0
         self.progress.end_ms = plan.end_ms
         sim, next_beat, e = plan.start_ms, plan.start_ms, 0
-        sent_before, rate_t = 0, wall0
+        rate = Rate()
         while sim < plan.end_ms and not self.stop.is_set():
             hi = min(sim + step, plan.end_ms)
             while e < len(events) and events[e][0] < hi:
@@ -316,10 +330,8 @@ class Runner:
             p = self.progress
             p.sim_ms = sim
             p.batches, p.reads = self.fleet.sent()
+            p.rate = rate(p.reads)
             now = wall_ms()
-            if now - rate_t >= 1000:
-                p.rate = (p.reads - sent_before) * 1000 / (now - rate_t)
-                sent_before, rate_t = p.reads, now
             delay = wall0 / 1000 + (sim - plan.start_ms) / speedup / 1000 - now / 1000
             if delay > 0:
                 self.stop.wait(delay)
