@@ -7,6 +7,11 @@ migration and returns the engine; any failure is a `StoreError` naming
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +99,30 @@ def _upgrade(conn: Connection, revision: str = "head") -> None:
     command.upgrade(cfg, revision)
 
 
+@contextlib.asynccontextmanager
+async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """On a SQLite file, one process at a time opens and migrates it (PostgreSQL has its
+    advisory lock, in `_upgrade`): several workers starting together on a new file were
+    seen failing with "database is locked" while another was turning it to WAL."""
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+        yield
+        return
+    fd = os.open(f"{db}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 async def open_database(url: str, *, migrate: bool = True, revision: str = "head",
                         ) -> AsyncEngine:
     """Connect, migrate to `revision` (tests of a migration stop short of head), and
     return the engine; `StoreError` if unusable."""
     engine = create_engine(url)
     try:
-        async with engine.begin() as conn:
+        async with _migration_lock(engine), engine.begin() as conn:
             if migrate:
                 await conn.run_sync(_upgrade, revision)
     except DB_ERRORS as exc:
