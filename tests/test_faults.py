@@ -224,7 +224,11 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
         tmp_path: Path) -> None:
     """Our own Mosquitto with the shipped durable configuration; a burst the worker has
     not taken yet is queued in the broker when it restarts: after the restart the
-    worker (never restarted) takes every batch, once, and the traffic goes on."""
+    worker (never restarted) takes every batch, once, and the traffic goes on.
+
+    At CI size about 2,000 batches are queued at the restart, and every one arrives.
+    With BIKEWATCH_FAULT_SCALE=3 (about 7,000 queued) most of the queue was lost
+    across the restart (measured: 1,002 of 7,119 came back); issue 7 stays open on it."""
     n1, n2 = int(3_000 * FAULT_SCALE), int(1_000 * FAULT_SCALE)
     data = tmp_path / "mosquitto"
     data.mkdir()
