@@ -58,10 +58,20 @@ class BrokerHandle:
         self.workdir.cleanup()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(run: int = 1) -> int:
+    """A free port on 127.0.0.1, and the `run - 1` after it free too (for
+    `bikewatch serve --workers N`, whose worker i serves on the port + i - 1)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        try:
+            for i in range(1, run):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + i))
+        except OSError:
+            continue
+        return port
 
 
 MOSQUITTO_CONF = """\

@@ -99,16 +99,25 @@ def _upgrade(conn: Connection, revision: str = "head") -> None:
     command.upgrade(cfg, revision)
 
 
+def lock_path(engine: AsyncEngine, name: str) -> str | None:
+    """The file beside a SQLite database whose `flock` stands for what PostgreSQL does
+    with an advisory lock; None for PostgreSQL and in-memory SQLite."""
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+        return None
+    return f"{db}.{name}.lock"
+
+
 @contextlib.asynccontextmanager
 async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
     """On a SQLite file, one process at a time opens and migrates it (PostgreSQL has its
     advisory lock, in `_upgrade`): several workers starting together on a new file were
     seen failing with "database is locked" while another was turning it to WAL."""
-    db = engine.url.database
-    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+    path = lock_path(engine, "migrate")
+    if path is None:
         yield
         return
-    fd = os.open(f"{db}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         yield

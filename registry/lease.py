@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from registry.db import DB_ERRORS
+from registry.db import DB_ERRORS, lock_path
 
 HEALTH = 0x6865616C  # "heal"
 RETRY_S = 2.0
@@ -34,10 +34,7 @@ log = logging.getLogger(__name__)
 class Lease:
     def __init__(self, engine: AsyncEngine, key: int, name: str) -> None:
         self.engine, self.key, self.name = engine, key, name
-        db = engine.url.database
-        self.lock_file = (f"{db}.{name.replace(' ', '-')}.lock"
-                          if engine.dialect.name == "sqlite" and db and db != ":memory:"
-                          else None)
+        self.lock_file = lock_path(engine, name.replace(" ", "-"))
         self.held = engine.dialect.name != "postgresql" and self.lock_file is None
         self.gained = asyncio.Event()  # set on every gain; the holder clears it
         self.decided = asyncio.Event()  # the first attempt is over, held or not

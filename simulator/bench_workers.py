@@ -68,7 +68,7 @@ async def _run(broker: BrokerHandle, workers: int, seconds: float, db_url: str,
                start_publisher: StartPublisher) -> tuple[float, float]:
     """reads/s and CPU µs per read of `workers` workers."""
     root = f"benchn{uuid.uuid4().hex[:6]}"
-    port = free_port()
+    port = free_port(workers)
     engine = await open_database(db_url)
     try:
         token = await create_token(engine, "ops", f"bench-{root}", wall_ms())

@@ -49,14 +49,18 @@ class Fleet:
                  per_station: bool = True, binary_share: float = 0.8,
                  client_prefix: str = "bikewatch-sim") -> None:
         self.endpoint, self.root, self.stations = endpoint, root, stations
-        self.per_station, self.binary_share, self.prefix = per_station, binary_share, client_prefix
-        self.links: dict[str, StationPublisher] = {}
+        self.binary_share, self.prefix = binary_share, client_prefix
+        self.links: dict[str, StationPublisher] = {}  # connected, one per station
+        self.down: dict[str, StationPublisher] = {}   # cut off: kept for their boot and seq
         self.shared = None if per_station else self._client(client_prefix, None)
-        self._retired = [0, 0]  # batches, reads of closed clients
+        self._retired = [0, 0]  # batches, reads of the clients cut off
 
     def _client(self, client_id: str, station: str | None) -> StationPublisher:
         return StationPublisher(self.endpoint, self.root, client_id=client_id,
                                 binary_share=self.binary_share, will=station)
+
+    def _live(self) -> list[StationPublisher]:
+        return [self.shared] if self.shared is not None else list(self.links.values())
 
     def connect(self) -> None:
         if self.shared is not None:
@@ -87,30 +91,26 @@ class Fleet:
         link.cut()
         self._retired[0] += link.sent_batches
         self._retired[1] += link.sent_reads
-        self.links[f"~{sid}"] = link  # its boot and seq, for when it comes back
+        self.down[sid] = link
         return at
 
     def restore(self, sid: str, reboot: bool) -> None:
-        before = self.links.pop(f"~{sid}", None)
-        self._up(sid, before)
+        self._up(sid, self.down.pop(sid, None))
         if reboot:
             self.pub(sid).reboot(sid)
 
     def sent(self) -> tuple[int, int]:
-        clients = [self.shared] if self.shared is not None else [
-            c for k, c in self.links.items() if not k.startswith("~")]
-        return (self._retired[0] + sum(c.sent_batches for c in clients if c is not None),
-                self._retired[1] + sum(c.sent_reads for c in clients if c is not None))
+        live = self._live()
+        return (self._retired[0] + sum(c.sent_batches for c in live),
+                self._retired[1] + sum(c.sent_reads for c in live))
 
     def flush(self) -> None:
-        for c in [self.shared, *self.links.values()]:
-            if c is not None:
-                c.flush(30.0)
+        for c in self._live():
+            c.flush(30.0)
 
     def close(self) -> None:
-        for k, c in [("", self.shared), *self.links.items()]:
-            if c is not None and not k.startswith("~"):
-                c.close()
+        for c in self._live():
+            c.close()
 
 
 class Clerk:
@@ -252,9 +252,10 @@ class Runner:
                  flags: np.ndarray) -> None:
         t = skew(self.truth.skews.get(sid), ts, self.plan.start_ms, self.plan.end_ms)
         self.fleet.pub(sid).reads(sid, tag, t, rssi, int(t.max()), flags)
-        if len(self._stolen) and np.isin(tag, self._stolen).any():
+        stolen = np.flatnonzero(np.isin(tag, self._stolen))
+        if len(stolen):
             now = wall_ms()
-            for i in np.flatnonzero(np.isin(tag, self._stolen)).tolist():
+            for i in stolen.tolist():
                 for ps in self._watch.get((int(tag[i]), sid), []):
                     if ps.wall_ms is None and abs(ps.at_ms - int(ts[i])) <= 60_000:
                         ps.wall_ms = now

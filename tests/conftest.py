@@ -6,6 +6,7 @@ skipping its tests (the brief: the storage layer is tested on both).
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
@@ -42,8 +43,11 @@ def unavailable(msg: str) -> NoReturn:
 
 
 def tool(name: str, package: str) -> str:
-    """The path of a command the test needs, or `unavailable`."""
-    path = shutil.which(name) or shutil.which(f"/usr/sbin/{name}")
+    """The path of a command the test needs, or `unavailable`. Debian keeps some off
+    PATH: daemons in /usr/sbin, PostgreSQL's server programs under /usr/lib/postgresql."""
+    path = (shutil.which(name) or shutil.which(f"/usr/sbin/{name}")
+            or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                                reverse=True)), None))
     if path is None:
         unavailable(f"{name} is not installed (Debian package {package})")
     return path

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -152,6 +154,13 @@ VEHICLES = """tag,plate,owner_name,owner_phone,brand,color
 """
 STOLEN = 0xA1B2C3
 INNOCENT = 0xA1B2C4
+
+
+def serve_process(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    """`bikewatch serve` in a process of its own (for tests that kill it, or measure it);
+    its output discarded."""
+    return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve", *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def stored_counts(url: str) -> tuple[int, int]:

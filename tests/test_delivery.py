@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,17 +18,12 @@ from ingest.clock import wall_ms
 from ingest.config import Settings
 from registry.db import open_database
 from simulator.publisher import StationPublisher
-from tests.helpers import FAULT_SCALE, stored_counts
+from tests.helpers import FAULT_SCALE, serve_process, stored_counts
 
 pytestmark = pytest.mark.broker
 
 BATCHES = int(400 * FAULT_SCALE)  # 40,000 batches, 1,000,000 reads at full size
 READS = 25
-
-
-def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerHandle,
@@ -50,7 +43,7 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
         "BIKEWATCH_CLIENT_ID": f"killed-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}",
         "BIKEWATCH_GROUP_MESSAGES": "20"}
     await (await open_database(db)).dispose()  # migrate once, before the workers start
-    worker = _serve(env)
+    worker = serve_process(env)
     await asyncio.sleep(2.5)  # connected and subscribed: its persistent session exists
     settings = Settings.load(None, env)
     pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
@@ -70,7 +63,7 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
                 worker.send_signal(signal.SIGKILL)
                 worker.wait(10)
                 kills += 1
-                worker = _serve(env)
+                worker = serve_process(env)
         assert await asyncio.to_thread(pub.flush, 30)
         deadline = time.monotonic() + 60
         batches = reads = 0

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +36,7 @@ from tests.helpers import (
     STOLEN,
     bearer,
     metric,
+    serve_process,
     stored_counts,
     town,
     until,
@@ -131,11 +131,6 @@ async def test_stations_with_wrong_clocks_have_every_read_stored_and_the_skew_co
         assert reads == sent
 
 
-def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 @pytest.mark.timeout(300)
 async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
         broker: BrokerHandle, tmp_path: Path) -> None:
@@ -152,7 +147,7 @@ async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
         "BIKEWATCH_CLIENT_ID": f"flood-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{port}"}
     await (await open_database(db)).dispose()
     ops = await bearer(db, "ops")
-    worker = await asyncio.to_thread(_serve, env)
+    worker = await asyncio.to_thread(serve_process, env)
     settings = Settings.load(None, env)
     pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
     try:
@@ -244,7 +239,7 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
         "BIKEWATCH_HTTP": f"127.0.0.1:{http}", "BIKEWATCH_GROUP_MESSAGES": "20"}
     await (await open_database(db)).dispose()
     await asyncio.sleep(0.5)
-    worker = await asyncio.to_thread(_serve, env)
+    worker = await asyncio.to_thread(serve_process, env)
     settings = Settings.load(None, env)
     pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
     rng = np.random.default_rng(4)

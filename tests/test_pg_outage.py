@@ -6,7 +6,6 @@ database is back the worker (never restarted) stores every read once."""
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 import pwd
 import shutil
@@ -27,20 +26,12 @@ from ingest.config import Settings
 from registry.db import open_database
 from simulator.bench_workers import answering
 from simulator.publisher import StationPublisher
-from tests.conftest import unavailable
+from tests.conftest import tool, unavailable
 from tests.helpers import FAULT_SCALE, stored_counts
 
 pytestmark = pytest.mark.broker
 READS = 25
 OUTAGE_S = 30.0 if FAULT_SCALE >= 10 else 10.0  # the issue's 30 s at full size
-
-
-def _pg_tool(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or (
-        [p] if (p := shutil.which(name)) else [])
-    if not found:
-        unavailable(f"{name} is not installed (Debian package postgresql)")
-    return found[-1]
 
 
 def _as_postgres(argv: list[str]) -> list[str]:
@@ -53,16 +44,18 @@ class OwnPostgres:
         self.dir = Path(tempfile.mkdtemp(prefix="bikewatch-pg-"))
         self.dir.chmod(0o755)
         self.data = self.dir / "data"
+        self.pg_ctl = tool("pg_ctl", "postgresql")
         self.port = free_port()
         if os.geteuid() == 0:
             pg = pwd.getpwnam("postgres")
             os.chown(self.dir, pg.pw_uid, pg.pw_gid)
-        subprocess.run(_as_postgres([_pg_tool("initdb"), "-D", str(self.data), "-A", "trust",
-                                     "-U", "postgres"]), check=True, capture_output=True)
+        subprocess.run(_as_postgres([tool("initdb", "postgresql"), "-D", str(self.data),
+                                     "-A", "trust", "-U", "postgres"]),
+                       check=True, capture_output=True)
         self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _ctl(self, *args: str) -> None:
-        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(self.data), "-w", *args]),
+        subprocess.run(_as_postgres([self.pg_ctl, "-D", str(self.data), "-w", *args]),
                        check=True, capture_output=True, timeout=60)
 
     def start(self) -> None:
@@ -73,7 +66,7 @@ class OwnPostgres:
         self._ctl("-m", "fast", "stop")
 
     def remove(self) -> None:
-        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(self.data), "-m",
+        subprocess.run(_as_postgres([self.pg_ctl, "-D", str(self.data), "-m",
                                      "immediate", "stop"]), capture_output=True, timeout=60)
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -6,12 +6,8 @@ SIGKILL mid-run is started again by the supervisor with no read lost or stored t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -29,19 +25,10 @@ from simulator.score import score
 from simulator.session import Session, register
 from simulator.town import Town
 from tests.conftest import unavailable
-from tests.helpers import bearer, stored_counts
+from tests.helpers import bearer, serve_process, stored_counts
 
 pytestmark = pytest.mark.broker
 SPEEDUP, SECONDS = 600.0, 24.0  # four simulated hours of the morning
-
-
-def _two_free_ports() -> int:
-    """A port that is free, and the next one too (the second worker's)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", port + 1))
-            return port
 
 
 @pytest.mark.timeout(240)
@@ -52,7 +39,7 @@ async def test_two_workers_split_the_load_and_one_killed_loses_nothing(
     if broker.kind != "mosquitto":  # amqtt 0.12 loses QoS 1 messages in flight to a killed client
         unavailable(f"several workers with SIGKILL need mosquitto; this is {broker.kind}")
     uid = uuid.uuid4().hex[:8]
-    port = _two_free_ports()
+    port = free_port(2)
     env = os.environ | broker.settings_overrides() | {
         "BIKEWATCH_DB_URL": db_url, "BIKEWATCH_MQTT_ROOT": f"w{uid}",
         "BIKEWATCH_CLIENT_ID": f"pair-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{port}",
@@ -62,9 +49,7 @@ async def test_two_workers_split_the_load_and_one_killed_loses_nothing(
     engine = await open_database(db_url)
     await register(engine, town)
     ops = await bearer(db_url, "ops")
-    supervisor = await asyncio.to_thread(
-        subprocess.Popen, [sys.executable, "-m", "ingest.cli", "serve", "--workers", "2"],
-        env=env)
+    supervisor = await asyncio.to_thread(serve_process, env, "--workers", "2")
     try:
         assert await asyncio.to_thread(answering, [port, port + 1], 30)
         await asyncio.sleep(1.5)  # subscribed

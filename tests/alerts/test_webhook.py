@@ -12,8 +12,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +40,7 @@ from tests.helpers import (
     metric,
     publisher,
     running_worker,
+    serve_process,
     settings_for,
     stage_registry,
     until,
@@ -126,11 +125,6 @@ async def _stored_payload(url: str, alert_id: str) -> str:
                 Alert.alert_id == alert_id))).scalar_one())
     finally:
         await engine.dispose()
-
-
-def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _sighting(pub: object, station: str = "SP-0040") -> None:
@@ -344,7 +338,7 @@ class TestDelivery:
             ("mqtt_root", settings.mqtt_root), ("client_id", settings.client_id),
             ("share_group", settings.share_group), ("mqtt_protocol", settings.mqtt_protocol))}
         env["BIKEWATCH_WEBHOOKS"] = _hooks(("police", hook, ["*"]))
-        worker = _serve(env)
+        worker = serve_process(env)
         pub = publisher(settings)
         try:
             await asyncio.sleep(3)  # connected and subscribed
@@ -353,7 +347,7 @@ class TestDelivery:
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
             hook.status = 200
-            worker = _serve(env)
+            worker = serve_process(env)
             assert await until(lambda: len(hook.delivered()) == 1, 15)
             await asyncio.sleep(1.5)
         finally:
