@@ -13,6 +13,7 @@ subscription there: `BrokerHandle.settings_overrides` says which.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import shutil
 import socket
 import subprocess
@@ -77,9 +78,9 @@ def free_port(run: int = 1) -> int:
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
 allow_anonymous true
-persistence {persistence}
-persistence_location {dir}/
-autosave_interval 1
+# Started as root, mosquitto drops to the user 'mosquitto', which cannot write into our
+# private temporary folder: it would run without its log, silently.
+user {user}
 # Deep queues: a slow or restarting worker must find every read waiting (defaults: 1000, 20).
 max_queued_messages 1000000
 max_inflight_messages 0
@@ -87,8 +88,7 @@ log_dest file {dir}/mosquitto.log
 """
 
 
-def start_broker(kind: str | None = None, port: int | None = None,
-                 persistence: bool = False) -> BrokerHandle:
+def start_broker(kind: str | None = None, port: int | None = None) -> BrokerHandle:
     """Start mosquitto (if installed, or asked for) or amqtt, and wait until it answers."""
     port = port or free_port()
     workdir = tempfile.TemporaryDirectory(prefix="bikewatch-broker-")
@@ -99,7 +99,7 @@ def start_broker(kind: str | None = None, port: int | None = None,
             raise RuntimeError("mosquitto is not installed")
         conf = Path(workdir.name, "mosquitto.conf")
         conf.write_text(MOSQUITTO_CONF.format(port=port, dir=workdir.name,
-                                              persistence=str(persistence).lower()))
+                                              user=getpass.getuser()))
         cmd = [mosquitto, "-c", str(conf)]
     else:
         cmd = [sys.executable, "-m", "ingest.broker", str(port)]

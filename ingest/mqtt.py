@@ -115,6 +115,7 @@ class MqttLink:
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.connected = threading.Event()
+        self.connection = 0  # counts disconnects; written by the network thread only
         self.refused: str | None = None
         self._pending: dict[int, asyncio.Future[None]] = {}  # event loop only
         self._loop = asyncio.get_running_loop()
@@ -165,13 +166,14 @@ class MqttLink:
     def _on_disconnect(self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode,
                        _p: Properties | None) -> None:
         self.connected.clear()
+        self.connection += 1
         if rc.value != 0:
             log.warning("disconnected from the broker (%s); reconnecting; %d in the inbox, "
                         "%d waits for a slot so far", rc, len(self.inbox), self.inbox.waits)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self.inbox.put_threadsafe(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos,
-                                          self.clock()))
+                                          self.clock(), self.connection))
 
     def _on_publish(self, _c: paho.Client, _u: object, mid: int, _rc: ReasonCode,
                     _p: Properties | None) -> None:
@@ -184,9 +186,16 @@ class MqttLink:
     # -- asyncio side ----------------------------------------------------------
 
     def ack(self, msgs: list[Inbound]) -> None:
-        """Acknowledge, in the order received (MQTT 3.1.1 4.6, MQTT 5 4.6)."""
+        """Acknowledge, in the order received (MQTT 3.1.1 4.6, MQTT 5 4.6), on the
+        connection each message came on.
+
+        A message taken before a reconnect is not acknowledged on the new connection:
+        had the broker lost the session (a restart without persistence, an expired
+        session), its packet ids start again and the old id would acknowledge another,
+        unread message. Where the session survived the broker sends the message again
+        and dedupe absorbs that copy, which is acknowledged."""
         for m in msgs:
-            if m.qos:
+            if m.qos and m.connection == self.connection:
                 self.client.ack(m.mid, m.qos)
         self.inbox.release(len(msgs))
 

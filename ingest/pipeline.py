@@ -69,6 +69,7 @@ class Inbound:
     mid: int
     qos: int
     received_ms: int
+    connection: int = 0  # which connection it came on: an ack goes back on that one only
 
 
 @dataclass(slots=True)

@@ -1,0 +1,79 @@
+"""The worker's MQTT connection against a real Mosquitto that it sees restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ingest.broker import free_port, start_broker
+from ingest.clock import wall_ms
+from ingest.config import Settings
+from ingest.mqtt import Inbox, MqttLink
+from ingest.pipeline import Inbound
+from tests.conftest import tool
+from tests.helpers import settings_for, until
+
+pytestmark = [pytest.mark.broker]
+
+
+def _publish(settings: Settings, port: int, payloads: list[bytes]) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="station-under-test")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for p in payloads:
+            client.publish(f"{settings.mqtt_root}/stations/S-1/reads", p, qos=1).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def _take(link: MqttLink, n: int) -> list[Inbound]:
+    assert await until(lambda: len(link.inbox) >= n), f"{len(link.inbox)} of {n} arrived"
+    return await link.inbox.take(n)
+
+
+async def _linked(settings: Settings) -> MqttLink:
+    link = MqttLink(settings, Inbox(asyncio.get_running_loop(), 100), wall_ms)
+    link.start()
+    assert await link.wait_connected(10)
+    await asyncio.sleep(0.3)  # subscribed
+    return link
+
+
+async def test_an_ack_goes_back_only_on_the_connection_its_message_came_on(
+        tmp_path: Path) -> None:
+    """The broker restarts without its sessions while the worker holds messages it has
+    not acknowledged yet. The new session numbers its messages from 1 again: had the
+    worker acknowledged the old ids on the new connection, it would have acknowledged
+    new messages it had not read, and they would never come again."""
+    tool("mosquitto", "mosquitto")
+    port = free_port()
+    broker = await asyncio.to_thread(start_broker, "mosquitto", port)
+    settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    link = await _linked(settings)
+    try:
+        await asyncio.to_thread(_publish, settings, port, [b"old-%d" % i for i in range(5)])
+        old = await _take(link, 5)
+        broker.stop()  # no persistence: the session is gone
+        broker = await asyncio.to_thread(start_broker, "mosquitto", port)
+        assert await until(lambda: link.connected.is_set(), 15)
+        await asyncio.sleep(0.3)  # subscribed again
+        new_payloads = [b"new-%d" % i for i in range(5)]
+        await asyncio.to_thread(_publish, settings, port, new_payloads)
+        new = await _take(link, 5)
+        assert {m.mid for m in old} & {m.mid for m in new}  # the ids came round again
+        link.ack(old)  # committed late, after the reconnect
+        await asyncio.sleep(0.5)
+        link.stop()  # the new messages are still unacknowledged in the session
+        link = await _linked(settings)
+        again = await _take(link, 5)
+        assert sorted(m.payload for m in again) == new_payloads
+        link.ack(again)
+    finally:
+        link.stop()
+        broker.stop()
