@@ -69,6 +69,12 @@ def decode_many(items: Sequence[tuple[bytes, str, int]]) -> list[ReadBatch | Rej
             else:
                 raise Rejected(Reason.BAD_FORMAT, f"starts with {payload[:8]!r}")
         except Rejected as rej:
+            # Kept without its traceback, nor the parser's error it was raised from:
+            # their frames hold the parsed document, and the caller's frames the
+            # whole group of payloads, in a cycle with `out` that only a full garbage
+            # collection frees. Measured under a flood of malformed payloads: RSS in
+            # a sawtooth up to 2.9 GB.
+            rej.__traceback__ = rej.__context__ = rej.__cause__ = None
             out.append(rej)
     if binary:
         bodies = [items[i][0] for i, *_ in binary]

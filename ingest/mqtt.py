@@ -6,13 +6,14 @@ acknowledges on receipt and, with a capped queue, drops messages it has
 already acknowledged. `bikewatch bench` measures both subscribers.
 
 The network callback does one thing: append the message to the inbox (through
-`call_soon_threadsafe`) after taking a slot of a bounded semaphore. The slots
-are the in-flight bound (DESIGN.md decision 5): with MQTT 5 the broker itself
-keeps (about) to our Receive Maximum of unacknowledged messages, and the
-semaphore, twice as large, does not block there; with MQTT 3.1.1 (amqtt) a
-full inbox blocks the network thread, which stops reading the socket, and TCP
-pushes back on the broker. Either way far fewer than 65,535 QoS 1 messages
-are unacknowledged (receive_maximum is at most 30,000: Settings.validate).
+`call_soon_threadsafe`) once the inbox has room for it. The room is the in-flight
+bound (DESIGN.md decision 5), in messages and in bytes: with MQTT 5 the broker
+itself keeps (about) to our Receive Maximum of unacknowledged messages, and the
+count, twice as large, does not block there; with MQTT 3.1.1 (amqtt), or a flood
+of large payloads, a full inbox blocks the network thread, which stops reading
+the socket, and TCP pushes back on the broker. Either way far fewer than 65,535
+QoS 1 messages are unacknowledged (receive_maximum is at most 30,000:
+Settings.validate), and memory is bounded.
 
 Sessions are persistent (clean_start False, a long session expiry), so a
 worker that dies with messages unacknowledged gets them again, or another
@@ -40,38 +41,58 @@ from ingest.pipeline import Inbound
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # a worker may be down for a week and still find its reads
+INBOX_BYTES = 64 << 20  # payloads held at once: some 20,000 ordinary JSON batches
 
 
 class Inbox:
-    """Messages from the network thread, taken by the consumer in groups."""
+    """Messages from the network thread, taken by the consumer in groups.
+
+    A message holds its place, counted and in bytes, until it is acknowledged. Over
+    either bound the network thread waits (backpressure: see the module docstring)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int,
-                 on_wait: Callable[[], None] = lambda: None) -> None:
+                 on_wait: Callable[[], None] = lambda: None,
+                 max_bytes: int = INBOX_BYTES) -> None:
         self._loop = loop
         self._on_wait = on_wait
         self._items: deque[Inbound] = deque()
         self._ready = asyncio.Event()
+        self.capacity = capacity
         # Twice what we advertise as Receive Maximum. Under load, Mosquitto 2.0.11 was
         # measured sending past it (by 1, and by 17 and more around reconnects), and a
         # network thread blocked here stops answering keep-alives: the broker then drops
-        # the connection. The broker's limit bounds memory; this one only guards
+        # the connection. The broker's limit bounds the count; this one only guards
         # against a broker that ignores it.
-        self.slots = threading.BoundedSemaphore(capacity * 2)
-        self.capacity = capacity
+        self._most = capacity * 2
+        # Receive Maximum counts messages, not bytes: 2,000 payloads of 400 kB (a flood
+        # of oversized batches) held 800 MB. A message larger than the whole budget
+        # still gets in, alone.
+        self._max_bytes = max_bytes
+        self._held = self._held_bytes = 0
+        self._room = threading.Condition()
         self.closed = False
-        self.waits = 0  # times the network thread waited for a slot
+        self.waits = 0  # times the network thread waited for room
+
+    def _full(self, size: int) -> bool:
+        return self._held >= self._most or (
+            self._held_bytes > 0 and self._held_bytes + size > self._max_bytes)
 
     def put_threadsafe(self, item: Inbound) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.waits += 1  # backpressure: see the module docstring
-            self._on_wait()
-            while not self.slots.acquire(timeout=0.5):
-                if self.closed:
-                    return
+        size = len(item.payload)
+        with self._room:
+            if self._full(size):
+                self.waits += 1
+                self._on_wait()
+                while self._full(size):
+                    if self.closed:
+                        return
+                    self._room.wait(0.5)
+            self._held += 1
+            self._held_bytes += size
         try:
             self._loop.call_soon_threadsafe(self._put, item)
         except RuntimeError:  # the loop is closed: we are shutting down, the broker keeps it
-            self.slots.release()
+            self.release([item])
 
     def _put(self, item: Inbound) -> None:
         self._items.append(item)
@@ -87,9 +108,11 @@ class Inbox:
         n = min(most, len(self._items))
         return [self._items.popleft() for _ in range(n)]
 
-    def release(self, n: int) -> None:
-        for _ in range(n):
-            self.slots.release()
+    def release(self, msgs: list[Inbound]) -> None:
+        with self._room:
+            self._held -= len(msgs)
+            self._held_bytes -= sum(len(m.payload) for m in msgs)
+            self._room.notify()
 
 
 class MqttLink:
@@ -197,7 +220,7 @@ class MqttLink:
         for m in msgs:
             if m.qos and m.connection == self.connection:
                 self.client.ack(m.mid, m.qos)
-        self.inbox.release(len(msgs))
+        self.inbox.release(msgs)
 
     def _published(self, mid: int) -> None:
         fut = self._pending.pop(mid, None)

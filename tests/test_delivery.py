@@ -1,5 +1,6 @@
 """At least once, end to end: a worker killed with SIGKILL mid-run loses no read and
-counts none twice (reads are acknowledged to the broker only after they are committed)."""
+counts none twice (reads are acknowledged to the broker only after they are committed),
+and every staged theft is alerted once."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from ingest.broker import BrokerHandle, free_port
 from ingest.clock import wall_ms
 from ingest.config import Settings
+from registry.cases import report_theft
 from registry.db import open_database
+from registry.imports import import_stations, import_vehicles
+from registry.models import Alert
+from simulator.bench_workers import answering, metric_totals
 from simulator.publisher import StationPublisher
-from tests.helpers import FAULT_SCALE, serve_process, stored_counts
+from tests.helpers import FAULT_SCALE, Police, accounted, bearer, serve_process, stored_counts
 
 pytestmark = pytest.mark.broker
 
@@ -38,24 +44,31 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
         pytest.skip(msg)
     uid = uuid.uuid4().hex[:8]
     db = f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"
+    http = free_port()
     env = os.environ | broker.settings_overrides() | {
         "BIKEWATCH_DB_URL": db, "BIKEWATCH_MQTT_ROOT": f"k{uid}",
-        "BIKEWATCH_CLIENT_ID": f"killed-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{free_port()}",
+        "BIKEWATCH_CLIENT_ID": f"killed-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{http}",
         "BIKEWATCH_GROUP_MESSAGES": "20"}
-    await (await open_database(db)).dispose()  # migrate once, before the workers start
+    rng = np.random.default_rng(1)
+    stolen = await _stage_thefts(db, rng)  # migrates once, before the workers start
+    ops = await bearer(db, "ops")
     worker = serve_process(env)
-    await asyncio.sleep(2.5)  # connected and subscribed: its persistent session exists
     settings = Settings.load(None, env)
+    police = Police(settings, f"{settings.mqtt_root}/alerts/#")
+    await asyncio.sleep(2.5)  # connected and subscribed: its persistent session exists
     pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
     pub.connect()
-    rng = np.random.default_rng(1)
-    kill_at = set(np.random.default_rng().choice(np.arange(50, BATCHES - 50), 2 + BATCHES // 4000,
-                                                 replace=False).tolist())  # random moments
+    moments = np.random.default_rng().choice(np.arange(50, BATCHES - 50),
+                                             2 + BATCHES // 4000 + len(stolen), replace=False)
+    kill_at = set(moments[len(stolen):].tolist())  # random moments
+    seen_at = dict(zip(moments[:len(stolen)].tolist(), stolen, strict=True))
     t0 = wall_ms()
     kills = 0
     try:
         for i in range(BATCHES):
             tags = rng.integers(1, 2**40, READS, dtype=np.uint64)
+            if i in seen_at:  # a stolen bike passes: once, in one batch
+                tags[0] = seen_at[i]
             pub.reads(f"ST-{i % 7}", tags, np.full(READS, t0 + i, np.int64),
                       np.full(READS, -50, np.int8), t0)
             if i in kill_at:  # kill it while it is busy, then start it again
@@ -72,11 +85,51 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
             if batches >= BATCHES and reads >= BATCHES * READS:  # within a second or so
                 break
             await asyncio.sleep(0.5)
-        print(f"sent {BATCHES} batches / {BATCHES * READS} reads, {kills} kills (after batches "
-              f"{sorted(kill_at)}); "
-              f"stored {batches} batches / {reads} reads")
+        raised = await _raised(db)
+        heard = {str(a["alert_id"]) for a in await police.wait_for(len(stolen), 30)}
+        assert await asyncio.to_thread(answering, [http], 30)
+        m = await asyncio.to_thread(metric_totals, [http], ops)  # the last life's counters
+        print(f"sent {BATCHES} batches / {BATCHES * READS} reads and {len(stolen)} stolen "
+              f"bikes passing, {kills} kills (after batches {sorted(kill_at)}); stored "
+              f"{batches} batches / {reads} reads; alerts raised {len(raised)}, heard "
+              f"{len(heard)} ({len(police.alerts) - len(heard)} repeats, dropped by id); "
+              f"last life: received {accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} "
+              f"stored + duplicate + rejected")
         assert (batches, reads) == (BATCHES, BATCHES * READS)
+        assert sorted(tag for tag, _ in raised) == sorted(stolen)  # one alert per theft
+        assert heard == {alert_id for _, alert_id in raised}
+        assert accounted(m)[0] == accounted(m)[1]
     finally:
+        police.close()
         pub.close()
         worker.terminate()
         worker.wait(15)
+
+
+async def _stage_thefts(db: str, rng: np.random.Generator) -> list[int]:
+    """Stations ST-0..ST-6 and ten registered bikes, each stolen an hour ago."""
+    engine = await open_database(db)
+    try:
+        now = wall_ms()
+        await import_stations(engine, "id,name,lat,lon,zone\n" + "".join(
+            f"ST-{i},Road {i},28.{7200 + 30 * i},121.5400,kz\n" for i in range(7)), now)
+        stolen = [int(t) for t in rng.integers(2**41, 2**42, 10, dtype=np.uint64)]
+        await import_vehicles(engine, "tag,plate,owner_name,owner_phone,brand,color\n" + "".join(
+            f"{t:x},ZJ-K{i:05d},Owner {i},1380000{i:04d},Yadea,white\n"
+            for i, t in enumerate(stolen)))
+        for i, t in enumerate(stolen):
+            await report_theft(engine, t, f"K-{i}", now - 3_600_000, now)
+        return stolen
+    finally:
+        await engine.dispose()
+
+
+async def _raised(db: str) -> list[tuple[int, str]]:
+    engine = await open_database(db)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(select(Alert.tag, Alert.alert_id)
+                                      .where(Alert.kind == "stolen_sighting"))
+            return [(int(r.tag), r.alert_id) for r in rows]
+    finally:
+        await engine.dispose()

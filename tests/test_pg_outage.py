@@ -24,10 +24,10 @@ from ingest.broker import BrokerHandle, free_port
 from ingest.clock import wall_ms
 from ingest.config import Settings
 from registry.db import open_database
-from simulator.bench_workers import answering
+from simulator.bench_workers import answering, metric_totals
 from simulator.publisher import StationPublisher
 from tests.conftest import tool, unavailable
-from tests.helpers import FAULT_SCALE, stored_counts
+from tests.helpers import FAULT_SCALE, accounted, bearer, stored_counts
 
 pytestmark = pytest.mark.broker
 READS = 25
@@ -91,6 +91,7 @@ async def test_postgresql_stopped_mid_run_and_started_again_loses_nothing(
         "BIKEWATCH_DB_URL": own_postgres.url, "BIKEWATCH_MQTT_ROOT": f"pg{uid}",
         "BIKEWATCH_CLIENT_ID": f"pgout-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{http}"}
     await (await open_database(own_postgres.url)).dispose()
+    ops = await bearer(own_postgres.url, "ops")
     log_path = own_postgres.dir / "worker.log"
     log = await asyncio.to_thread(log_path.open, "wb")
     worker = await asyncio.to_thread(
@@ -129,13 +130,16 @@ async def test_postgresql_stopped_mid_run_and_started_again_loses_nothing(
                 break
             await asyncio.sleep(1.0)
 
+        m = await asyncio.to_thread(metric_totals, [http], ops)
         print(f"sent {sent} batches / {sent * READS} reads, {per_phase} of them while "
               f"PostgreSQL was down for {OUTAGE_S:.0f} s; stored {batches} batches / {reads} "
-              f"reads")
+              f"reads; received {accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} stored + "
+              f"duplicate + rejected")
         if (batches, reads) != (sent, sent * READS) or worker.poll() is not None:
             print(log_path.read_text()[-5000:])  # the worker's own account of it
         assert (batches, reads) == (sent, sent * READS)
         assert worker.poll() is None  # it recovered without a restart
+        assert accounted(m)[0] == accounted(m)[1] >= sent
     finally:
         pub.close()
         worker.terminate()

@@ -25,7 +25,7 @@ from simulator.score import score
 from simulator.session import Session, register
 from simulator.town import Town
 from tests.conftest import unavailable
-from tests.helpers import bearer, serve_process, stored_counts
+from tests.helpers import accounted, bearer, serve_process, stored_counts
 
 pytestmark = pytest.mark.broker
 SPEEDUP, SECONDS = 600.0, 24.0  # four simulated hours of the morning
@@ -77,9 +77,12 @@ async def test_two_workers_split_the_load_and_one_killed_loses_nothing(
             await asyncio.sleep(0.5)
         await asyncio.sleep(2)  # the last alerts
         result = await score(engine, truth)
+        m = await asyncio.to_thread(metric_totals, [port, port + 1], ops)  # both, as they are
         print(f"sent {truth.sent_batches} batches / {truth.sent_reads} reads; batches taken "
               f"by the workers at half time {split}; one SIGKILLed; stored {batches} batches /"
-              f" {reads} reads\n" + "\n".join(result.lines()))
+              f" {reads} reads; received {accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} "
+              f"stored + duplicate + rejected\n" + "\n".join(result.lines()))
+        assert accounted(m)[0] == accounted(m)[1]
         assert all(n > 0 for n in split), split
         assert (batches, reads) == (truth.sent_batches, truth.sent_reads)
         assert result.expected_thefts >= 2 and result.met, result.false_detail

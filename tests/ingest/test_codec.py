@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.codec import HEADER, MAX_PAYLOAD, decode, encode_binary, encode_json
+from ingest.codec import HEADER, MAX_PAYLOAD, decode, decode_many, encode_binary, encode_json
 from ingest.errors import Reason, Rejected
 
 NOW = 1_763_803_800_000
@@ -104,6 +104,17 @@ class TestNeverRaises:
             except Rejected as rej:
                 outcomes.add(rej.reason.value)
         assert {"ok", "bad_json", "bad_binary", "bad_format"} <= outcomes
+
+    def test_rejections_come_back_bare(self) -> None:
+        """A rejection handed back with its traceback (or the parser's error it was
+        raised from) holds, in a reference cycle, the frames and with them the whole
+        group of payloads: the flood fault test's memory grew past 800 MB with it."""
+        files = sorted(CORPUS.iterdir())
+        out = decode_many([(f.read_bytes(), "S1", NOW) for f in files])
+        rejected = [r for r in out if isinstance(r, Rejected)]
+        assert {r.reason for r in rejected} >= {Reason.BAD_JSON, Reason.BAD_BINARY}
+        assert all(r.__traceback__ is None and r.__context__ is None
+                   and r.__cause__ is None for r in rejected)
 
 
 class TestRejections:

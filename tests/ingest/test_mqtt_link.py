@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -77,3 +78,33 @@ async def test_an_ack_goes_back_only_on_the_connection_its_message_came_on(
     finally:
         link.stop()
         broker.stop()
+
+
+async def test_the_inbox_is_bounded_in_bytes_and_takes_a_larger_message_alone() -> None:
+    """Receive Maximum counts messages; the inbox also counts their bytes, and the
+    network thread waits (so TCP pushes back on the broker) until a group is done."""
+    inbox = Inbox(asyncio.get_running_loop(), 100, max_bytes=1_000)
+
+    def message(size: int) -> Inbound:
+        return Inbound("r/stations/S-1/reads", b"x" * size, 1, 1, 0)
+
+    both_in = threading.Event()
+
+    def network() -> None:
+        inbox.put_threadsafe(message(600))
+        inbox.put_threadsafe(message(600))  # 1,200 bytes: waits for the first's ack
+        both_in.set()
+
+    thread = threading.Thread(target=network)
+    thread.start()
+    await asyncio.sleep(0.3)
+    assert not both_in.is_set() and inbox.waits == 1
+    first = await inbox.take(10)
+    inbox.release(first)  # acknowledged
+    assert await until(both_in.is_set)
+    thread.join()
+    second = await inbox.take(10)
+    assert [len(m.payload) for m in first + second] == [600, 600]
+    inbox.release(second)
+    inbox.put_threadsafe(message(5_000))  # over the whole budget, but alone: in at once
+    assert [len(m.payload) for m in await inbox.take(10)] == [5_000]
