@@ -57,7 +57,17 @@ def _sqlite_begin(conn: Any) -> None:
     # reads and then writes fails with "database is locked" at once, whatever
     # busy_timeout says, when another connection committed in between (WAL
     # snapshot conflict); the worker, the materializer and the CLI all do that.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A transaction that only reads (`reading`) has no such conflict, and must not
+    # queue behind a writer.
+    read_only = conn.get_execution_options().get("bikewatch_read_only", False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def reading(engine: AsyncEngine) -> AsyncEngine:
+    """`engine` (the same pool) for transactions that only read. On SQLite they begin
+    deferred, so in WAL mode they never wait for a writer: a token checked for a
+    Prometheus scrape answered only after another process's 12 s write lock without it."""
+    return engine.execution_options(bikewatch_read_only=True)
 
 
 def create_engine(url: str) -> AsyncEngine:

@@ -16,6 +16,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry.db import reading
 from registry.errors import Invalid, NotFound, Refused
 from registry.imports import NAME_RE
 from registry.models import ApiToken
@@ -97,7 +98,7 @@ async def authenticate(engine: AsyncEngine, secret: str) -> Principal | None:
     """The principal of a live token; None for an unknown or revoked one."""
     if not secret.startswith(PREFIX) or len(secret) > 100:
         return None
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         row = (await conn.execute(select(ApiToken.name, ApiToken.role, ApiToken.zones)
                                   .where(ApiToken.secret_sha256 == digest(secret),
                                          ApiToken.revoked_ms.is_(None)))).first()

@@ -14,7 +14,9 @@ import getpass
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -340,3 +342,99 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
         mqtt.terminate()
         await asyncio.to_thread(mqtt.wait, 15)
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+async def test_sqlite_locked_by_another_process_acknowledges_nothing_before_commit(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock for 12 s (30 s at full size), past the
+    worker's busy timeout of 10 s, while batches arrive: none is committed and none
+    acknowledged. The proof of the second is the worker SIGKILLed just before the lock
+    goes: a new worker then finds every batch still in the broker and stores each once."""
+    lock_s = 30.0 if FAULT_SCALE >= 10 else 12.0
+    n = int(500 * min(FAULT_SCALE, 10))
+    uid = uuid.uuid4().hex[:8]
+    path = tmp_path / "bw.db"
+    db = f"sqlite+aiosqlite:///{path}"
+    http = free_port()
+    env = os.environ | broker.settings_overrides() | {
+        "BIKEWATCH_DB_URL": db, "BIKEWATCH_MQTT_ROOT": f"l{uid}",
+        "BIKEWATCH_CLIENT_ID": f"locked-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{http}"}
+    await (await open_database(db)).dispose()
+    ops = await bearer(db, "ops")
+    worker = await asyncio.to_thread(serve_process, env)
+    settings = Settings.load(None, env)
+    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
+    rng = np.random.default_rng(6)
+    t0 = wall_ms()
+    sent = 0
+
+    def send(count: int) -> None:
+        nonlocal sent
+        for _ in range(count):
+            pub.reads(f"ST-{sent % 7}", _tags(rng), np.full(READS, t0 + sent, np.int64),
+                      np.full(READS, -50, np.int8), t0)
+            sent += 1
+        assert pub.flush(60)
+
+    holder = None
+    try:
+        assert await asyncio.to_thread(answering, [http], 30)
+        await asyncio.sleep(1.0)
+        pub.connect()
+        await asyncio.to_thread(send, n)
+        assert await until(lambda: _stored_batches(path) == n, 60)
+        holder = await asyncio.to_thread(
+            subprocess.Popen, [sys.executable, "-c", LOCK_HOLDER, str(path), str(lock_s)],
+            stdout=subprocess.PIPE)
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        locked = time.monotonic()
+        await asyncio.to_thread(send, n)  # into the locked database
+        await asyncio.sleep(max(0.0, lock_s - 1.5 - (time.monotonic() - locked)))
+        during = _stored_batches(path)
+        lag = (await asyncio.to_thread(metric_totals, [http], ops)).get(
+            "bikewatch_intake_lag_seconds", 0)
+        assert holder.poll() is None  # the lock is still held (the scrape did not wait)
+        worker.send_signal(signal.SIGKILL)  # anything acknowledged now would be lost
+        await asyncio.to_thread(worker.wait, 10)
+        await asyncio.to_thread(holder.wait, 30)
+        worker = await asyncio.to_thread(serve_process, env)
+        assert await asyncio.to_thread(answering, [http], 30)
+        await asyncio.to_thread(send, n)
+        deadline = time.monotonic() + 90
+        batches = reads = 0
+        while (batches, reads) != (3 * n, 3 * n * READS) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)  # visits are folded in from the log
+            batches, reads = await stored_counts(db)
+        m = await asyncio.to_thread(metric_totals, [http], ops)
+        print(f"sent {sent} batches / {sent * READS} reads, {n} of them while another process "
+              f"held the write lock for {lock_s:.0f} s; stored during the lock "
+              f"{during - n}, intake lag {lag:.1f} s; worker SIGKILLed before the lock went; "
+              f"stored {batches} batches / {reads} reads; new worker received "
+              f"{accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} stored + duplicate + rejected")
+        assert during == n and lag >= lock_s - 5  # nothing committed, intake held
+        assert (batches, reads) == (3 * n, 3 * n * READS)
+        assert accounted(m)[0] == accounted(m)[1] >= 2 * n
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        pub.close()
+        worker.terminate()
+        await asyncio.to_thread(worker.wait, 15)
+
+
+# Another process, as an operator's sqlite3 shell or a backup job would be.
+LOCK_HOLDER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+def _stored_batches(path: Path) -> int:
+    """Batches committed (their dedupe keys), read past any writer's lock (WAL)."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT count(*) FROM seen_batches").fetchone()[0])
