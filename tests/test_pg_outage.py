@@ -84,7 +84,7 @@ async def test_postgresql_stopped_mid_run_and_started_again_loses_nothing(
         broker: BrokerHandle, own_postgres: OwnPostgres) -> None:
     if broker.kind != "mosquitto":  # amqtt 0.12 drops queued QoS 1 messages under load
         unavailable(f"this fault test needs mosquitto; the session runs {broker.kind}")
-    per_phase = int(500 * FAULT_SCALE)
+    per_phase = int(500 * min(FAULT_SCALE, 10))  # 375,000 reads at full size
     uid = uuid.uuid4().hex[:8]
     http = free_port()
     env = os.environ | broker.settings_overrides() | {

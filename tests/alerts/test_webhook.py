@@ -37,12 +37,14 @@ from simulator.publisher import StationPublisher
 from tests.helpers import (
     FAULT_SCALE,
     STOLEN,
+    accounted,
     metric,
     publisher,
     running_worker,
     serve_process,
     settings_for,
     stage_registry,
+    totals,
     until,
 )
 
@@ -261,10 +263,14 @@ class TestDelivery:
                                min(RETRY_CAP_MS / 1000, 2 * down_s) + 30)
             await asyncio.sleep(2)  # a second copy would have come by now
             ids = [h["webhook-id"] for h, _ in hook.delivered()]
-            print(f"receiver down {down_s:.0f} s: {len(raised)} alerts raised, "
-                  f"{len(hook.requests)} attempts, {len(ids)} delivered within "
-                  f"{time.monotonic() - back - 2:.1f} s after it came back")
+            m = totals(worker)
+            print(f"receiver down {down_s:.0f} s: 3 batches sent, received "
+                  f"{accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} stored + duplicate + "
+                  f"rejected; {len(raised)} alerts raised, {len(hook.requests)} attempts, "
+                  f"{len(ids)} delivered within {time.monotonic() - back - 2:.1f} s after it "
+                  f"came back")
             assert sorted(ids) == sorted(raised)  # each once
+            assert accounted(m) == (3, 3)
             assert await until(lambda: metric(worker, "bikewatch_outbox_depth",
                                               channel="webhook/police") == 0)
 
