@@ -77,7 +77,7 @@ async def test_a_station_that_resends_its_last_100_batches_is_counted_once(
         assert await until(lambda: (metric(worker, "bikewatch_reads_total") or 0) >= n * READS)
         batches, reads = await stored_counts(db_url)
         m = totals(worker)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # 750,000 reads on PostgreSQL took more than 20 s
         while (batches, reads) != (n, n * READS) and time.monotonic() < deadline:
             await asyncio.sleep(0.3)  # visits are folded in from the log
             batches, reads = await stored_counts(db_url)
