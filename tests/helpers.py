@@ -12,7 +12,9 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -171,6 +173,48 @@ def serve_process(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     its output discarded."""
     return subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@dataclass
+class FaultRun:
+    """One fault test's `bikewatch serve` environment (a topic root, client id and HTTP
+    port of its own), an ops token for its /metrics, and a station publisher."""
+
+    env: dict[str, str]
+    http: int
+    ops: dict[str, str]
+    settings: Settings
+    pub: StationPublisher
+    rng: np.random.Generator
+    t0: int = field(default_factory=wall_ms)
+    sent: int = 0  # batches
+
+    def send(self, count: int, reads: int = 25) -> None:
+        """`count` batches of `reads` random tags from stations ST-0..ST-6, flushed."""
+        for _ in range(count):
+            self.pub.reads(f"ST-{self.sent % 7}",
+                           self.rng.integers(1, 2**40, reads, dtype=np.uint64),
+                           np.full(reads, self.t0 + self.sent, np.int64),
+                           np.full(reads, -50, np.int8), self.t0)
+            self.sent += 1
+        assert self.pub.flush(60)
+
+
+async def fault_run(mqtt: dict[str, str], db_url: str, name: str, seed: int,
+                    **extra: str) -> FaultRun:
+    """The database migrated once, before any worker starts; the publisher not yet
+    connected (connect it once the worker has subscribed)."""
+    uid = uuid.uuid4().hex[:8]
+    http = free_port()
+    env = os.environ | mqtt | {
+        "BIKEWATCH_DB_URL": db_url, "BIKEWATCH_MQTT_ROOT": f"{name}{uid}",
+        "BIKEWATCH_CLIENT_ID": f"{name}-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{http}",
+    } | extra
+    await (await open_database(db_url)).dispose()
+    ops = await bearer(db_url, "ops")
+    settings = Settings.load(None, env)
+    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
+    return FaultRun(env, http, ops, settings, pub, np.random.default_rng(seed))
 
 
 def accounted(m: dict[str, float]) -> tuple[float, float]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
-import os
 import shutil
 import signal
 import sqlite3
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +27,15 @@ import pytest
 from ingest.broker import BrokerHandle, free_port
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary
-from ingest.config import Settings
-from registry.db import open_database
 from simulator import malformed
 from simulator.bench_workers import answering, metric_totals
-from simulator.publisher import StationPublisher
 from tests.conftest import tool
 from tests.helpers import (
     FAULT_SCALE,
     INNOCENT,
     STOLEN,
     accounted,
-    bearer,
+    fault_run,
     metric,
     serve_process,
     stored_counts,
@@ -146,24 +141,17 @@ async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
     decoder's frames held every payload of its group until a full garbage collection,
     and RSS rose in a sawtooth past 800 MB at CI size (2.9 GB at full size)."""
     n = int(3_300 * min(FAULT_SCALE, 10))  # 1 MiB payloads among them: 3 GB at most
-    uid = uuid.uuid4().hex[:8]
     db = f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"
-    port = free_port()
-    env = os.environ | broker.settings_overrides() | {
-        "BIKEWATCH_DB_URL": db, "BIKEWATCH_MQTT_ROOT": f"f{uid}",
-        "BIKEWATCH_CLIENT_ID": f"flood-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{port}"}
-    await (await open_database(db)).dispose()
-    ops = await bearer(db, "ops")
-    worker = await asyncio.to_thread(serve_process, env)
-    settings = Settings.load(None, env)
-    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
+    run = await fault_run(broker.settings_overrides(), db, "flood", 3)
+    worker = await asyncio.to_thread(serve_process, run.env)
     rss = _RssSampler(worker.pid)
+    pub, port = run.pub, run.http
     try:
         assert await asyncio.to_thread(answering, [port], 30)
         await asyncio.sleep(1.0)
         rss.begin()
         pub.connect()
-        rng = np.random.default_rng(3)
+        rng = run.rng
         town = _tags(rng, 2_000)  # the bikes of a town: the state they need stays put
         bad: dict[str, int] = {}
         t0 = wall_ms()
@@ -175,11 +163,11 @@ async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
             kind, _, unit = malformed.KINDS[i % len(malformed.KINDS)]
             boot, seq = (pub.next_seq(station) if unit == "read"
                          else (1, malformed.BAD_SEQ_BASE + i))
-            pub.raw(f"{settings.mqtt_root}/stations/{station}/reads",
+            pub.raw(f"{run.settings.mqtt_root}/stations/{station}/reads",
                     malformed.make(kind, station, boot, seq, t0))
             bad[kind] = bad.get(kind, 0) + 1
             if i + 1 in (n // 3, n):  # a third, then the rest: each taken before the next
-                m = await _taken(port, ops, 2 * (i + 1))
+                m = await _taken(port, run.ops, 2 * (i + 1))
                 rss.half()
         good = n + sum(v for k, v in bad.items() if k.startswith("read_"))
         batches, reads = await stored_counts(db)
@@ -284,39 +272,21 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
     data.mkdir()
     port = free_port()
     mqtt = await asyncio.to_thread(_durable_broker, port, data)
-    uid = uuid.uuid4().hex[:8]
     db = f"sqlite+aiosqlite:///{tmp_path / 'bw.db'}"
-    http = free_port()
-    env = os.environ | {
-        "BIKEWATCH_MQTT_URL": f"mqtt://127.0.0.1:{port}", "BIKEWATCH_DB_URL": db,
-        "BIKEWATCH_MQTT_ROOT": f"r{uid}", "BIKEWATCH_CLIENT_ID": f"restart-{uid}",
-        "BIKEWATCH_HTTP": f"127.0.0.1:{http}", "BIKEWATCH_GROUP_MESSAGES": "20",
-        "BIKEWATCH_RECEIVE_MAXIMUM": "100"}
-    await (await open_database(db)).dispose()
-    ops = await bearer(db, "ops")
-    await asyncio.sleep(0.5)
-    worker = await asyncio.to_thread(serve_process, env)
-    settings = Settings.load(None, env)
-    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
-    rng = np.random.default_rng(4)
-    t0 = wall_ms()
+    run = await fault_run({"BIKEWATCH_MQTT_URL": f"mqtt://127.0.0.1:{port}"}, db, "restart", 4,
+                          BIKEWATCH_GROUP_MESSAGES="20", BIKEWATCH_RECEIVE_MAXIMUM="100")
+    worker = await asyncio.to_thread(serve_process, run.env)
     try:
-        assert await asyncio.to_thread(answering, [http], 30)
+        assert await asyncio.to_thread(answering, [run.http], 30)
         await asyncio.sleep(1.5)  # subscribed: its persistent session exists
-        pub.connect()
-        for i in range(n1):
-            pub.reads(f"ST-{i % 7}", _tags(rng), np.full(READS, t0 + i, np.int64),
-                      np.full(READS, -50, np.int8), t0)
-        assert await asyncio.to_thread(pub.flush, 60)
+        run.pub.connect()
+        await asyncio.to_thread(run.send, n1)
         queued_at_restart = n1 - (await stored_counts(db))[0]
         mqtt.send_signal(signal.SIGTERM)  # a restart: it saves its queues and goes
         await asyncio.to_thread(mqtt.wait, 30)
         mqtt = await asyncio.to_thread(_durable_broker, port, data)
         await asyncio.sleep(2.0)  # the clients find it again
-        for i in range(n1, n1 + n2):
-            pub.reads(f"ST-{i % 7}", _tags(rng), np.full(READS, t0 + i, np.int64),
-                      np.full(READS, -50, np.int8), t0)
-        assert await asyncio.to_thread(pub.flush, 60)
+        await asyncio.to_thread(run.send, n2)
         deadline = time.monotonic() + 90
         batches = reads = 0
         while time.monotonic() < deadline:
@@ -324,7 +294,7 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
             if reads >= (n1 + n2) * READS:
                 break
             await asyncio.sleep(0.5)
-        m = await asyncio.to_thread(metric_totals, [http], ops)
+        m = await asyncio.to_thread(metric_totals, [run.http], run.ops)
         print(f"sent {n1} batches, restarted the broker with about {queued_at_restart} not yet "
               f"taken, sent {n2} more: stored {batches} batches / {reads} reads of "
               f"{(n1 + n2) * READS}; received {accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} "
@@ -336,7 +306,7 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
         log = (data / "mosquitto.log").read_text()
         assert "Saving in-memory database" in log and "Error" not in log
     finally:
-        pub.close()
+        run.pub.close()
         worker.terminate()
         await asyncio.to_thread(worker.wait, 15)
         mqtt.terminate()
@@ -353,62 +323,43 @@ async def test_sqlite_locked_by_another_process_acknowledges_nothing_before_comm
     goes: a new worker then finds every batch still in the broker and stores each once."""
     lock_s = 30.0 if FAULT_SCALE >= 10 else 12.0
     n = int(500 * min(FAULT_SCALE, 10))
-    uid = uuid.uuid4().hex[:8]
     path = tmp_path / "bw.db"
     db = f"sqlite+aiosqlite:///{path}"
-    http = free_port()
-    env = os.environ | broker.settings_overrides() | {
-        "BIKEWATCH_DB_URL": db, "BIKEWATCH_MQTT_ROOT": f"l{uid}",
-        "BIKEWATCH_CLIENT_ID": f"locked-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{http}"}
-    await (await open_database(db)).dispose()
-    ops = await bearer(db, "ops")
-    worker = await asyncio.to_thread(serve_process, env)
-    settings = Settings.load(None, env)
-    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
-    rng = np.random.default_rng(6)
-    t0 = wall_ms()
-    sent = 0
-
-    def send(count: int) -> None:
-        nonlocal sent
-        for _ in range(count):
-            pub.reads(f"ST-{sent % 7}", _tags(rng), np.full(READS, t0 + sent, np.int64),
-                      np.full(READS, -50, np.int8), t0)
-            sent += 1
-        assert pub.flush(60)
+    run = await fault_run(broker.settings_overrides(), db, "locked", 6)
+    worker = await asyncio.to_thread(serve_process, run.env)
 
     holder = None
     try:
-        assert await asyncio.to_thread(answering, [http], 30)
+        assert await asyncio.to_thread(answering, [run.http], 30)
         await asyncio.sleep(1.0)
-        pub.connect()
-        await asyncio.to_thread(send, n)
+        run.pub.connect()
+        await asyncio.to_thread(run.send, n)
         assert await until(lambda: _stored_batches(path) == n, 60)
         holder = await asyncio.to_thread(
             subprocess.Popen, [sys.executable, "-c", LOCK_HOLDER, str(path), str(lock_s)],
             stdout=subprocess.PIPE)
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
         locked = time.monotonic()
-        await asyncio.to_thread(send, n)  # into the locked database
+        await asyncio.to_thread(run.send, n)  # into the locked database
         await asyncio.sleep(max(0.0, lock_s - 1.5 - (time.monotonic() - locked)))
         during = _stored_batches(path)
-        lag = (await asyncio.to_thread(metric_totals, [http], ops)).get(
+        lag = (await asyncio.to_thread(metric_totals, [run.http], run.ops)).get(
             "bikewatch_intake_lag_seconds", 0)
         assert holder.poll() is None  # the lock is still held (the scrape did not wait)
         worker.send_signal(signal.SIGKILL)  # anything acknowledged now would be lost
         await asyncio.to_thread(worker.wait, 10)
         await asyncio.to_thread(holder.wait, 30)
-        worker = await asyncio.to_thread(serve_process, env)
-        assert await asyncio.to_thread(answering, [http], 30)
-        await asyncio.to_thread(send, n)
+        worker = await asyncio.to_thread(serve_process, run.env)
+        assert await asyncio.to_thread(answering, [run.http], 30)
+        await asyncio.to_thread(run.send, n)
         deadline = time.monotonic() + 90
         batches = reads = 0
         while (batches, reads) != (3 * n, 3 * n * READS) and time.monotonic() < deadline:
             await asyncio.sleep(0.5)  # visits are folded in from the log
             batches, reads = await stored_counts(db)
-        m = await asyncio.to_thread(metric_totals, [http], ops)
-        print(f"sent {sent} batches / {sent * READS} reads, {n} of them while another process "
-              f"held the write lock for {lock_s:.0f} s; stored during the lock "
+        m = await asyncio.to_thread(metric_totals, [run.http], run.ops)
+        print(f"sent {run.sent} batches / {run.sent * READS} reads, {n} of them while another "
+              f"process held the write lock for {lock_s:.0f} s; stored during the lock "
               f"{during - n}, intake lag {lag:.1f} s; worker SIGKILLed before the lock went; "
               f"stored {batches} batches / {reads} reads; new worker received "
               f"{accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} stored + duplicate + rejected")
@@ -418,7 +369,7 @@ async def test_sqlite_locked_by_another_process_acknowledges_nothing_before_comm
     finally:
         if holder is not None and holder.poll() is None:
             holder.kill()
-        pub.close()
+        run.pub.close()
         worker.terminate()
         await asyncio.to_thread(worker.wait, 15)
 

@@ -13,21 +13,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ingest.broker import BrokerHandle, free_port
-from ingest.clock import wall_ms
-from ingest.config import Settings
-from registry.db import open_database
 from simulator.bench_workers import answering, metric_totals
-from simulator.publisher import StationPublisher
 from tests.conftest import tool, unavailable
-from tests.helpers import FAULT_SCALE, accounted, bearer, stored_counts
+from tests.helpers import FAULT_SCALE, accounted, fault_run, stored_counts
 
 pytestmark = pytest.mark.broker
 READS = 25
@@ -85,63 +79,43 @@ async def test_postgresql_stopped_mid_run_and_started_again_loses_nothing(
     if broker.kind != "mosquitto":  # amqtt 0.12 drops queued QoS 1 messages under load
         unavailable(f"this fault test needs mosquitto; the session runs {broker.kind}")
     per_phase = int(500 * min(FAULT_SCALE, 10))  # 375,000 reads at full size
-    uid = uuid.uuid4().hex[:8]
-    http = free_port()
-    env = os.environ | broker.settings_overrides() | {
-        "BIKEWATCH_DB_URL": own_postgres.url, "BIKEWATCH_MQTT_ROOT": f"pg{uid}",
-        "BIKEWATCH_CLIENT_ID": f"pgout-{uid}", "BIKEWATCH_HTTP": f"127.0.0.1:{http}"}
-    await (await open_database(own_postgres.url)).dispose()
-    ops = await bearer(own_postgres.url, "ops")
+    run = await fault_run(broker.settings_overrides(), own_postgres.url, "pgout", 5)
     log_path = own_postgres.dir / "worker.log"
     log = await asyncio.to_thread(log_path.open, "wb")
     worker = await asyncio.to_thread(
-        subprocess.Popen, [sys.executable, "-m", "ingest.cli", "-v", "serve"], env=env,
+        subprocess.Popen, [sys.executable, "-m", "ingest.cli", "-v", "serve"], env=run.env,
         stdout=log, stderr=log)
-    settings = Settings.load(None, env)
-    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root, client_id=f"p-{uid}")
-    rng = np.random.default_rng(5)
-    t0 = wall_ms()
-    sent = 0
-
-    def send(n: int) -> None:
-        nonlocal sent
-        for _ in range(n):
-            pub.reads(f"ST-{sent % 7}", rng.integers(1, 2**40, READS, dtype=np.uint64),
-                      np.full(READS, t0 + sent, np.int64), np.full(READS, -50, np.int8), t0)
-            sent += 1
-        assert pub.flush(60)
-
     try:
-        assert await asyncio.to_thread(answering, [http], 30)
+        assert await asyncio.to_thread(answering, [run.http], 30)
         await asyncio.sleep(1.5)
-        pub.connect()
-        await asyncio.to_thread(send, per_phase)
+        run.pub.connect()
+        await asyncio.to_thread(run.send, per_phase)
         await asyncio.to_thread(own_postgres.stop)
         stopped = time.monotonic()
-        await asyncio.to_thread(send, per_phase)  # the broker keeps these for the worker
+        await asyncio.to_thread(run.send, per_phase)  # the broker keeps these for the worker
         await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
         await asyncio.to_thread(own_postgres.start)
-        await asyncio.to_thread(send, per_phase)
+        await asyncio.to_thread(run.send, per_phase)
         deadline = time.monotonic() + 120
         batches = reads = 0
         while time.monotonic() < deadline:
             batches, reads = await stored_counts(own_postgres.url)
-            if reads >= sent * READS:
+            if reads >= run.sent * READS:
                 break
             await asyncio.sleep(1.0)
 
-        m = await asyncio.to_thread(metric_totals, [http], ops)
-        print(f"sent {sent} batches / {sent * READS} reads, {per_phase} of them while "
+        m = await asyncio.to_thread(metric_totals, [run.http], run.ops)
+        print(f"sent {run.sent} batches / {run.sent * READS} reads, {per_phase} of them while "
               f"PostgreSQL was down for {OUTAGE_S:.0f} s; stored {batches} batches / {reads} "
               f"reads; received {accounted(m)[0]:.0f} = {accounted(m)[1]:.0f} stored + "
               f"duplicate + rejected")
-        if (batches, reads) != (sent, sent * READS) or worker.poll() is not None:
+        if (batches, reads) != (run.sent, run.sent * READS) or worker.poll() is not None:
             print(log_path.read_text()[-5000:])  # the worker's own account of it
-        assert (batches, reads) == (sent, sent * READS)
+        assert (batches, reads) == (run.sent, run.sent * READS)
         assert worker.poll() is None  # it recovered without a restart
-        assert accounted(m)[0] == accounted(m)[1] >= sent
+        assert accounted(m)[0] == accounted(m)[1] >= run.sent
     finally:
-        pub.close()
+        run.pub.close()
         worker.terminate()
         await asyncio.to_thread(worker.wait, 30)
         log.close()
