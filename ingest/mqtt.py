@@ -192,7 +192,7 @@ class MqttLink:
         self.connection += 1
         if rc.value != 0:
             log.warning("disconnected from the broker (%s); reconnecting; %d in the inbox, "
-                        "%d waits for a slot so far", rc, len(self.inbox), self.inbox.waits)
+                        "%d waits for room so far", rc, len(self.inbox), self.inbox.waits)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self.inbox.put_threadsafe(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos,

@@ -400,7 +400,8 @@ def keep_large_buffers_apart() -> None:
     malformed payloads (half the traffic, 1 MiB ones among them) for 40,000 messages:
     without this, RSS crept from 118 to 226 MB and was still climbing; with it, it
     stayed between 96 and 171 MB. 64 KiB rather than 128 KiB takes in the 64 KiB
-    excerpts kept of rejected payloads. Other C libraries have no such behaviour or no mallopt, and are left alone."""
+    excerpts kept of rejected payloads. Other C libraries have no such behaviour or
+    no mallopt, and are left alone."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
