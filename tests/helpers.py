@@ -217,6 +217,22 @@ async def fault_run(mqtt: dict[str, str], db_url: str, name: str, seed: int,
     return FaultRun(env, http, ops, settings, pub, np.random.default_rng(seed))
 
 
+async def stored_by_now(url: str, reads: int, stall_s: float = 60.0) -> tuple[int, int]:
+    """`stored_counts` once `reads` reads are stored, or once nothing more has come for
+    `stall_s` seconds (the caller's assertion then says what is missing). Visits are
+    folded in from the log after their batches commit, and a worker may start with
+    tens of thousands of batches queued: wait while it makes progress."""
+    last = (-1, -1)
+    deadline = time.monotonic() + stall_s
+    while True:
+        counts = await stored_counts(url)
+        if counts[1] >= reads or time.monotonic() > deadline:
+            return counts
+        if counts != last:
+            last, deadline = counts, time.monotonic() + stall_s
+        await asyncio.sleep(0.5)
+
+
 def accounted(m: dict[str, float]) -> tuple[float, float]:
     """(received, accepted + duplicate + rejected) from one worker's metrics: every
     fault test checks that the two are equal."""

@@ -21,7 +21,7 @@ from registry.db import open_database
 from registry.imports import import_stations, import_vehicles
 from registry.models import Alert
 from simulator.bench_workers import answering, metric_totals
-from tests.helpers import FAULT_SCALE, Police, accounted, fault_run, serve_process, stored_counts
+from tests.helpers import FAULT_SCALE, Police, accounted, fault_run, serve_process, stored_by_now
 
 pytestmark = pytest.mark.broker
 
@@ -70,18 +70,7 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
                 worker = serve_process(run.env)
         assert await asyncio.to_thread(pub.flush, 30)
         sent_at = time.monotonic()
-        # The last life may start with tens of thousands of batches queued: wait while
-        # it makes progress, not for a fixed time.
-        deadline = time.monotonic() + 60
-        batches = reads = 0
-        while time.monotonic() < deadline:
-            progress = await stored_counts(db)  # visits are folded in from the log
-            if progress != (batches, reads):
-                deadline = time.monotonic() + 60
-            batches, reads = progress
-            if batches >= BATCHES and reads >= BATCHES * READS:
-                break
-            await asyncio.sleep(0.5)
+        batches, reads = await stored_by_now(db, BATCHES * READS)  # the last life's queue
         drained = time.monotonic()
         raised = await _raised(db)
         heard = {str(a["alert_id"]) for a in await police.wait_for(len(stolen), 30)}

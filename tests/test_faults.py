@@ -38,6 +38,7 @@ from tests.helpers import (
     fault_run,
     metric,
     serve_process,
+    stored_by_now,
     stored_counts,
     totals,
     town,
@@ -70,12 +71,8 @@ async def test_a_station_that_resends_its_last_100_batches_is_counted_once(
         assert await until(lambda: metric(worker, "bikewatch_received_batches_total") == n + 100,
                            60)
         assert await until(lambda: (metric(worker, "bikewatch_reads_total") or 0) >= n * READS)
-        batches, reads = await stored_counts(db_url)
         m = totals(worker)
-        deadline = time.monotonic() + 120  # 750,000 reads on PostgreSQL took more than 20 s
-        while (batches, reads) != (n, n * READS) and time.monotonic() < deadline:
-            await asyncio.sleep(0.3)  # visits are folded in from the log
-            batches, reads = await stored_counts(db_url)
+        batches, reads = await stored_by_now(db_url, n * READS)
         print(f"sent {n} batches / {n * READS} reads, then the last 100 again; stored {batches}"
               f" batches / {reads} reads; duplicates {m['bikewatch_duplicate_batches_total']:.0f}")
         assert m["bikewatch_duplicate_batches_total"] == 100
@@ -114,11 +111,7 @@ async def test_stations_with_wrong_clocks_have_every_read_stored_and_the_skew_co
         assert abs(int(alert["seen_ms"]) - wall_ms()) < 60_000  # type: ignore[call-overload]
         latency = metric(worker, "bikewatch_alert_latency_seconds_sum") or 0
         assert 0 <= latency < 5  # the service's clock, not the station's year-ahead one
-        deadline = time.monotonic() + 20
-        reads = 0
-        while reads < sent and time.monotonic() < deadline:
-            _, reads = await stored_counts(db_url)
-            await asyncio.sleep(0.3)
+        _, reads = await stored_by_now(db_url, sent)
         m = totals(worker)
         print(f"sent {sent} reads from wrong clocks; stored {reads}; skew counted {skewed}; "
               f"alerted {len(police.alerts)} (at {alert['station']['id']}); "  # type: ignore[index]
@@ -170,7 +163,7 @@ async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
                 m = await _taken(port, run.ops, 2 * (i + 1))
                 rss.half()
         good = n + sum(v for k, v in bad.items() if k.startswith("read_"))
-        batches, reads = await stored_counts(db)
+        batches, reads = await stored_by_now(db, n * READS)
         rejected = m.get("bikewatch_rejected_total", 0)
         start, first, second = rss.stop()
         print(f"sent {good} good batches / {n * READS} good reads and {n} malformed payloads "
@@ -181,10 +174,6 @@ async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
         assert rejected == sum(v for k, v in bad.items() if not k.startswith("read_"))
         assert m.get("bikewatch_rejected_reads_total", 0) == sum(
             v for k, v in bad.items() if k.startswith("read_"))
-        deadline = time.monotonic() + 20
-        while reads < n * READS and time.monotonic() < deadline:
-            await asyncio.sleep(0.3)
-            batches, reads = await stored_counts(db)
         assert (batches, reads) == (good, n * READS)
         assert second <= first * 1.5 and max(first, second) <= start + 256
     finally:
@@ -287,13 +276,7 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
         mqtt = await asyncio.to_thread(_durable_broker, port, data)
         await asyncio.sleep(2.0)  # the clients find it again
         await asyncio.to_thread(run.send, n2)
-        deadline = time.monotonic() + 90
-        batches = reads = 0
-        while time.monotonic() < deadline:
-            batches, reads = await stored_counts(db)
-            if reads >= (n1 + n2) * READS:
-                break
-            await asyncio.sleep(0.5)
+        batches, reads = await stored_by_now(db, (n1 + n2) * READS)
         m = await asyncio.to_thread(metric_totals, [run.http], run.ops)
         print(f"sent {n1} batches, restarted the broker with about {queued_at_restart} not yet "
               f"taken, sent {n2} more: stored {batches} batches / {reads} reads of "
@@ -352,11 +335,7 @@ async def test_sqlite_locked_by_another_process_acknowledges_nothing_before_comm
         worker = await asyncio.to_thread(serve_process, run.env)
         assert await asyncio.to_thread(answering, [run.http], 30)
         await asyncio.to_thread(run.send, n)
-        deadline = time.monotonic() + 90
-        batches = reads = 0
-        while (batches, reads) != (3 * n, 3 * n * READS) and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)  # visits are folded in from the log
-            batches, reads = await stored_counts(db)
+        batches, reads = await stored_by_now(db, 3 * n * READS)
         m = await asyncio.to_thread(metric_totals, [run.http], run.ops)
         print(f"sent {run.sent} batches / {run.sent * READS} reads, {n} of them while another "
               f"process held the write lock for {lock_s:.0f} s; stored during the lock "

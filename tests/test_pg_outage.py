@@ -21,7 +21,7 @@ import pytest
 from ingest.broker import BrokerHandle, free_port
 from simulator.bench_workers import answering, metric_totals
 from tests.conftest import tool, unavailable
-from tests.helpers import FAULT_SCALE, accounted, fault_run, stored_counts
+from tests.helpers import FAULT_SCALE, accounted, fault_run, stored_by_now
 
 pytestmark = pytest.mark.broker
 READS = 25
@@ -96,14 +96,7 @@ async def test_postgresql_stopped_mid_run_and_started_again_loses_nothing(
         await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
         await asyncio.to_thread(own_postgres.start)
         await asyncio.to_thread(run.send, per_phase)
-        deadline = time.monotonic() + 120
-        batches = reads = 0
-        while time.monotonic() < deadline:
-            batches, reads = await stored_counts(own_postgres.url)
-            if reads >= run.sent * READS:
-                break
-            await asyncio.sleep(1.0)
-
+        batches, reads = await stored_by_now(own_postgres.url, run.sent * READS)
         m = await asyncio.to_thread(metric_totals, [run.http], run.ops)
         print(f"sent {run.sent} batches / {run.sent * READS} reads, {per_phase} of them while "
               f"PostgreSQL was down for {OUTAGE_S:.0f} s; stored {batches} batches / {reads} "

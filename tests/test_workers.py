@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from simulator.score import score
 from simulator.session import Session, register
 from simulator.town import Town
 from tests.conftest import unavailable
-from tests.helpers import accounted, bearer, serve_process, stored_counts
+from tests.helpers import accounted, bearer, serve_process, stored_by_now
 
 pytestmark = pytest.mark.broker
 SPEEDUP, SECONDS = 600.0, 24.0  # four simulated hours of the morning
@@ -68,13 +67,7 @@ async def test_two_workers_split_the_load_and_one_killed_loses_nothing(
         victim = sorted(first)[0]
         os.kill(victim, signal.SIGKILL)
         (truth,) = await play
-        deadline = time.monotonic() + 60
-        batches = reads = 0
-        while time.monotonic() < deadline:
-            batches, reads = await stored_counts(db_url)
-            if reads >= truth.sent_reads:
-                break
-            await asyncio.sleep(0.5)
+        batches, reads = await stored_by_now(db_url, truth.sent_reads)
         await asyncio.sleep(2)  # the last alerts
         result = await score(engine, truth)
         m = await asyncio.to_thread(metric_totals, [port, port + 1], ops)  # both, as they are

@@ -6,31 +6,30 @@ import asyncio
 import threading
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.broker import free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.config import Settings
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound
+from simulator.publisher import StationPublisher
 from tests.conftest import tool
 from tests.helpers import settings_for, until
 
 pytestmark = [pytest.mark.broker]
 
 
-def _publish(settings: Settings, port: int, payloads: list[bytes]) -> None:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="station-under-test")
-    client.connect("127.0.0.1", port)
-    client.loop_start()
+def _publish(settings: Settings, payloads: list[bytes]) -> None:
+    pub = StationPublisher(settings.mqtt_endpoint(), settings.mqtt_root,
+                           client_id="station-under-test")
+    pub.connect()
     try:
         for p in payloads:
-            client.publish(f"{settings.mqtt_root}/stations/S-1/reads", p, qos=1).wait_for_publish(5)
+            pub.raw(f"{settings.mqtt_root}/stations/S-1/reads", p)
+        assert pub.flush(5)
     finally:
-        client.disconnect()
-        client.loop_stop()
+        pub.close()
 
 
 async def _take(link: MqttLink, n: int) -> list[Inbound]:
@@ -58,14 +57,14 @@ async def test_an_ack_goes_back_only_on_the_connection_its_message_came_on(
     settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
     link = await _linked(settings)
     try:
-        await asyncio.to_thread(_publish, settings, port, [b"old-%d" % i for i in range(5)])
+        await asyncio.to_thread(_publish, settings, [b"old-%d" % i for i in range(5)])
         old = await _take(link, 5)
         broker.stop()  # no persistence: the session is gone
         broker = await asyncio.to_thread(start_broker, "mosquitto", port)
         assert await until(lambda: link.connected.is_set(), 15)
         await asyncio.sleep(0.3)  # subscribed again
         new_payloads = [b"new-%d" % i for i in range(5)]
-        await asyncio.to_thread(_publish, settings, port, new_payloads)
+        await asyncio.to_thread(_publish, settings, new_payloads)
         new = await _take(link, 5)
         assert {m.mid for m in old} & {m.mid for m in new}  # the ids came round again
         link.ack(old)  # committed late, after the reconnect
