@@ -46,16 +46,19 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_nothing(broker: BrokerH
     stolen = await _stage_thefts(db, rng)
     worker = serve_process(run.env)
     police = Police(run.settings, f"{run.settings.mqtt_root}/alerts/#")
-    await asyncio.sleep(2.5)  # connected and subscribed: its persistent session exists
     pub = run.pub
-    pub.connect()
     moments = np.random.default_rng().choice(np.arange(50, BATCHES - 50),
                                              2 + BATCHES // 4000 + len(stolen), replace=False)
     kill_at = set(moments[len(stolen):].tolist())  # random moments
     seen_at = dict(zip(moments[:len(stolen)].tolist(), stolen, strict=True))
-    t0 = wall_ms()
     kills = 0
     try:
+        # Serving HTTP means connected; then subscribed, and its persistent session
+        # exists. A fixed 2.5 s was once not enough on a cold fresh clone: nothing queued.
+        assert await asyncio.to_thread(answering, [run.http], 60)
+        await asyncio.sleep(1.0)
+        pub.connect()
+        t0 = wall_ms()
         for i in range(BATCHES):
             tags = rng.integers(1, 2**40, READS, dtype=np.uint64)
             if i in seen_at:  # a stolen bike passes: once, in one batch
