@@ -27,6 +27,7 @@ import pytest
 from ingest.broker import BrokerHandle, free_port
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary
+from ingest.mqtt import INBOX_BYTES
 from simulator import malformed
 from simulator.bench_workers import answering, metric_totals
 from tests.conftest import tool
@@ -127,7 +128,7 @@ async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
     """Half the traffic malformed (every kind in turn, 1 MiB payloads among them): every
     good read stored, every bad payload counted by reason, and the worker's memory
     flat: sampled all along, its peak in the last two thirds of the traffic no higher
-    than in the first third (give or take a half), and within 256 MB of where it
+    than in the first third (give or take two inboxes' worth), and within 256 MB of where it
     started, whatever volume of junk passes (300 MB at CI size, 3 GB at full size).
 
     This found a rejection kept with its traceback: a reference cycle through the
@@ -175,7 +176,10 @@ async def test_a_flood_of_malformed_payloads_takes_no_good_read_down(
         assert m.get("bikewatch_rejected_reads_total", 0) == sum(
             v for k, v in bad.items() if k.startswith("read_"))
         assert (batches, reads) == (good, n * READS)
-        assert second <= first * 1.5 and max(first, second) <= start + 256
+        # The inbox may hold 64 MiB of payloads at any instant and a group's decode copies
+        # them once: peaks differ by up to that much with timing alone (210 against 134 MB
+        # in one CI run), so growth is bounded in MB, not as a ratio of a small first peak.
+        assert second <= first + 2 * (INBOX_BYTES >> 20) and max(first, second) <= start + 256
     finally:
         rss.stop()
         pub.close()
