@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from alerts.geo import movement
@@ -55,43 +55,68 @@ class RaisedAlert:
     kind: str = KIND_STOLEN
 
 
+class Vehicles:
+    """The alerts' `vehicle` and masked `owner` by tag, kept for one registry version.
+
+    A stolen bike raises an alert at station after station, and a look-up per alert
+    was one of six round trips to the database that each alert waited for; every
+    change to a vehicle or its owner bumps the version (registry.imports.bump_version),
+    and `at_version` forgets them all then."""
+
+    MOST = 10_000
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._cards: dict[int, tuple[dict[str, str] | None, dict[str, str] | None]] = {}
+
+    def at_version(self, version: int) -> None:
+        if version != self._version:
+            self._version = version
+            self._cards.clear()
+
+    async def get(self, conn: AsyncConnection, tag: int,
+                  ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+        card = self._cards.get(tag)
+        if card is None:
+            card = await _vehicle(conn, tag)
+            if len(self._cards) >= self.MOST:
+                self._cards.clear()
+            self._cards[tag] = card
+        return card
+
+
 async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str, StationInfo],
-                      now_ms: int, late_after_ms: int,
+                      now_ms: int, late_after_ms: int, vehicles: Vehicles,
                       webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
                       forecast: NextStations = lambda _previous, _current: [],
                       ) -> RaisedAlert | None:
     """The new alert for this visit, or None if it was raised before or the case closed.
     `forecast(previous station, station)` ranks `next_stations` (alerts.forecast).
     `webhooks(zone)` names the webhooks that take the zone's alerts: each gets a delivery
-    row in this transaction, so a crash cannot lose it (alerts.webhook sends them)."""
+    row in this transaction, so a crash cannot lose it (alerts.webhook sends them).
+
+    Three round trips (four with webhooks), each waited for by the alert: the case is
+    counted first and given back in the rare event that the alert's unique key shows
+    it raised before (a repeated batch, another worker), all in this transaction."""
     station = stations.get(s.station) or StationInfo.unknown(s.station)
-    alert_id = new_ulid(now_ms)
-    inserted = await conn.execute(
-        insert_ignore(conn, Alert).values(
-            alert_id=alert_id, kind=KIND_STOLEN, case_id=s.case_id, tag=to_db(s.tag),
-            station=s.station, zone=station.zone, visit_first_ms=s.visit_first_ms, update_no=0,
-            raised_ms=now_ms, received_ms=s.received_ms, payload="")
-        .returning(Alert.alert_id))
-    if inserted.first() is None:
-        return None
     counted = (await conn.execute(
         update(TheftCase).where(TheftCase.case_id == s.case_id, TheftCase.status == "open",
                                 live_case(now_ms))
         .values(updates=TheftCase.updates + 1).returning(TheftCase.updates))).first()
     if counted is None:  # closed or expired between the snapshot and now: no alert
-        await conn.execute(delete(Alert).where(Alert.alert_id == alert_id))
         return None
-    vehicle, owner = await _vehicle(conn, s.tag)
     visits = (await conn.execute(
         select(Visit.station, Visit.first_ms, Visit.last_ms)
         .where(Visit.tag == to_db(s.tag), Visit.last_ms >= s.stolen_ms,
                Visit.first_ms <= s.visit_first_ms)
         .order_by(Visit.first_ms, Visit.last_ms))).all()
+    vehicle, owner = await vehicles.get(conn, s.tag)
     trajectory = _trajectory(visits, s, stations)
     prev = trajectory[-2] if len(trajectory) > 1 else None
     speed, heading = (None, None) if prev is None else movement(
         (prev["lat"], prev["lon"], prev["last_ms"], prev["station"]),
         (station.lat, station.lon, s.visit_first_ms, s.station))
+    alert_id = new_ulid(now_ms)
     doc: dict[str, Any] = {
         "v": 1, "alert_id": alert_id, "kind": KIND_STOLEN, "case_id": s.case_id,
         "update": counted.updates, "tag": format_tag(s.tag),
@@ -103,8 +128,17 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
         "next_stations": forecast(prev["station"] if prev else None, s.station),
     }
     payload = orjson.dumps(doc)
-    await conn.execute(update(Alert).where(Alert.alert_id == alert_id)
-                       .values(update_no=counted.updates, payload=payload.decode()))
+    inserted = await conn.execute(
+        insert_ignore(conn, Alert).values(
+            alert_id=alert_id, kind=KIND_STOLEN, case_id=s.case_id, tag=to_db(s.tag),
+            station=s.station, zone=station.zone, visit_first_ms=s.visit_first_ms,
+            update_no=counted.updates, raised_ms=now_ms, received_ms=s.received_ms,
+            payload=payload.decode())
+        .returning(Alert.alert_id))
+    if inserted.first() is None:  # raised before: the count goes back
+        await conn.execute(update(TheftCase).where(TheftCase.case_id == s.case_id)
+                           .values(updates=TheftCase.updates - 1))
+        return None
     await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
     return RaisedAlert(alert_id, station.zone, payload, s.received_ms)
 
@@ -163,7 +197,7 @@ async def _vehicle(conn: AsyncConnection, tag: int,
 
 
 async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str, StationInfo],
-                        now_ms: int, late_after_ms: int,
+                        now_ms: int, late_after_ms: int, vehicles: Vehicles,
                         webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
                         ) -> RaisedAlert | None:
     """One alert per kind, tag and visit (the alerts' unique key), or None if raised before.
@@ -181,7 +215,7 @@ async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str
                               "first_ms": f.prev[1], "last_ms": f.prev[2]})
         speed, heading = movement((before.lat, before.lon, f.prev[2], before.id),
                                   (station.lat, station.lon, f.visit_first_ms, f.station))
-    vehicle, owner = await _vehicle(conn, f.tag)
+    vehicle, owner = await vehicles.get(conn, f.tag)
     payload = orjson.dumps({
         "v": 1, "alert_id": alert_id, "kind": f.kind, "case_id": f.case_id, "update": None,
         "tag": format_tag(f.tag),

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.geo import distance_km_array
+from registry.db import reading
 from registry.models import Visit
 from registry.stations import StationInfo, coordinates
 
@@ -127,7 +128,7 @@ EMPTY = Forecast((), {}, {}, {}, np.empty(0), np.empty(0))
 async def learn_from_history(engine: AsyncEngine, directory: Mapping[str, StationInfo],
                              now_ms: int) -> Forecast:
     """The model from the newest stored visits of every bike."""
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         rows = (await conn.execute(
             select(Visit.tag, Visit.station, Visit.first_ms, Visit.last_ms)
             .where(Visit.first_ms >= now_ms - HISTORY_DAYS * 86_400_000)

@@ -16,7 +16,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alerts.engine import NextStations, RaisedAlert, Sighting, raise_alert
+from alerts.engine import NextStations, RaisedAlert, Sighting, Vehicles, raise_alert
+from registry.db import reading
 from registry.models import TheftCase, Visit
 from registry.stations import StationInfo
 from registry.tags import from_db
@@ -30,23 +31,28 @@ async def look_back(engine: AsyncEngine, case_ids: Collection[str],
     was seen since the theft. The visit log must be folded in first (ingest.visitlog)."""
     if not case_ids:
         return []
-    async with engine.connect() as conn:
+    seen = []
+    # Most cases opened have no sighting yet: found by reading alone, which on SQLite
+    # does not wait for the write lock (registry.db.reading) the way raising does.
+    async with reading(engine).connect() as conn:
         cases = (await conn.execute(
             select(TheftCase.case_id, TheftCase.tag, TheftCase.stolen_ms)
             .where(TheftCase.case_id.in_(list(case_ids)), TheftCase.status == "open",
                    TheftCase.updates == 0))).all()
-    raised = []
-    for case in cases:
-        async with engine.begin() as conn:
+        for case in cases:
             last = (await conn.execute(
                 select(Visit.station, Visit.first_ms)
                 .where(Visit.tag == case.tag, Visit.last_ms >= case.stolen_ms)
                 .order_by(Visit.first_ms.desc()).limit(1))).first()
-            if last is None:
-                continue
-            alert = await raise_alert(conn, Sighting(
-                case.case_id, from_db(case.tag), last.station, last.first_ms, case.stolen_ms,
-                now_ms), stations, now_ms, late_after_ms, webhooks, forecast)
+            if last is not None:
+                seen.append(Sighting(case.case_id, from_db(case.tag), last.station,
+                                     last.first_ms, case.stolen_ms, now_ms))
+    raised = []
+    vehicles = Vehicles()
+    for sighting in seen:
+        async with engine.begin() as conn:
+            alert = await raise_alert(conn, sighting, stations, now_ms, late_after_ms,
+                                      vehicles, webhooks, forecast)
         if alert is not None:
             raised.append(alert)
     return raised

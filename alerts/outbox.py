@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import RaisedAlert
-from registry.db import DB_ERRORS
+from registry.db import DB_ERRORS, reading
 from registry.models import Alert
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Outbox:
         """Publish what is pending in the table (after a restart, or a failed publish)."""
         self._last_sweep_ms = self.clock()
         cutoff = self._last_sweep_ms - int(older_than_s * 1000)
-        async with self.engine.connect() as conn:
+        async with reading(self.engine).connect() as conn:
             rows = (await conn.execute(
                 select(Alert.alert_id, Alert.zone, Alert.payload, Alert.received_ms, Alert.kind)
                 .where(Alert.published_ms.is_(None), Alert.raised_ms <= cutoff,

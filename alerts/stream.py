@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Collection
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry.db import reading
 from registry.models import Alert
 
 SLACK_MS = 5_000
@@ -44,7 +45,7 @@ class AlertStream:
     async def _start_ms(self, last_event_id: str | None) -> int:
         if not last_event_id:
             return -1  # a new client: live alerts only
-        async with self.engine.connect() as conn:
+        async with reading(self.engine).connect() as conn:
             raised = (await conn.execute(select(Alert.raised_ms)
                                          .where(Alert.alert_id == last_event_id))).scalar()
         return 0 if raised is None else int(raised)  # unknown id: everything kept
@@ -67,7 +68,7 @@ class AlertStream:
                  .order_by(Alert.raised_ms, Alert.alert_id).limit(BATCH + len(sent)))
             if zones:
                 q = q.where(Alert.zone.in_(list(zones)))
-            async with self.engine.connect() as conn:
+            async with reading(self.engine).connect() as conn:
                 rows = (await conn.execute(q)).all()
             fresh = [r for r in rows if r.alert_id not in sent]
             for r in fresh:

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
 from ingest.config import WebhookReceiver
-from registry.db import DB_ERRORS
+from registry.db import DB_ERRORS, reading
 from registry.models import Alert, Delivery, Owner, Vehicle
 from registry.privacy import audit
 from registry.tags import format_tag, from_db
@@ -167,7 +167,7 @@ class WebhookSender:
             q = (q.add_columns(Owner.name, Owner.phone)
                  .outerjoin(Vehicle, Vehicle.tag == Alert.tag)
                  .outerjoin(Owner, Owner.id == Vehicle.owner_id))
-        async with self.engine.connect() as conn:
+        async with reading(self.engine).connect() as conn:
             rows = (await conn.execute(q)).all()
         out = []
         for row in rows:

@@ -23,7 +23,9 @@ worker of the shared subscription does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -42,6 +44,17 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # a worker may be down for a week and still find its reads
 INBOX_BYTES = 64 << 20  # payloads held at once: some 20,000 ordinary JSON batches
+
+
+def nodelay(client: paho.Client) -> None:
+    """Send each packet at once. paho leaves Nagle's algorithm on, so an alert's PUBLISH
+    (and a group's PUBACKs) waited for the TCP acknowledgement of the packet before it,
+    which the broker delays: a publish took as long as the gap to the next one, 20 ms
+    at 50 alerts/s, against 0.5 ms without Nagle (measured on loopback)."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # TLS sockets too (ssl.SSLSocket is one)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Inbox:
@@ -182,6 +195,7 @@ class MqttLink:
             log.warning("broker refused the connection: %s", rc)
             return
         self.refused = None
+        nodelay(client)
         client.subscribe(self.subscriptions)  # again after every reconnect
         self.connected.set()
         log.info("connected to %s:%s", self._ep.host, self._ep.port)

@@ -34,6 +34,7 @@ from alerts.engine import (
     Flagged,
     RaisedAlert,
     Sighting,
+    Vehicles,
     raise_alert,
     raise_flagged,
 )
@@ -115,6 +116,7 @@ class Pipeline:
         self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._seen_max = dedupe_window
         self._alerted: OrderedDict[tuple[object, ...], None] = OrderedDict()
+        self.vehicles = Vehicles()
         self.impossible_kmh = impossible_kmh
         self._coords_key: tuple[int, int] | None = None
         self._coords = (np.empty(0), np.empty(0))
@@ -251,6 +253,7 @@ class Pipeline:
             return
         segs = self.tracker.fold(tag, station, ts, rssi)
         snapshot = self.holder.current
+        self.vehicles.at_version(snapshot.version)
         read_idx, entry = snapshot.match(tag)  # the one membership test of the group
         stolen = np.zeros(len(segs), dtype=np.bool_)
         stolen[segs.read_seg[read_idx]] = True
@@ -330,8 +333,8 @@ class Pipeline:
                 continue
             alert = await raise_alert(conn, Sighting(
                 case_id, int(tag[r]), station, key[2], int(snapshot.stolen_at_ms[e]),
-                int(received[r])), self.directory, now, self.late_after_ms, self.webhooks,
-                self.forecast.next_stations)
+                int(received[r])), self.directory, now, self.late_after_ms, self.vehicles,
+                self.webhooks, self.forecast.next_stations)
             self._remember_alerted(key)
             if alert is not None:
                 result.alerts.append(alert)
@@ -404,7 +407,7 @@ class Pipeline:
                             int(segs.prev_first[i]), int(segs.prev_last[i]))
                 alert = await raise_flagged(conn, Flagged(
                     kind, tag, station, key[2], int(seg_received[i]), cases.get(n), prev),
-                    self.directory, now, self.late_after_ms, self.webhooks)
+                    self.directory, now, self.late_after_ms, self.vehicles, self.webhooks)
                 self._remember_alerted(key)
                 if alert is not None:
                     result.alerts.append(alert)

@@ -48,7 +48,7 @@ from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain, materialize
-from registry.db import DB_ERRORS, open_database
+from registry.db import DB_ERRORS, open_database, reading
 from registry.gaps import WINDOW_MS as GAP_WINDOW_MS
 from registry.gaps import missing_batches
 from registry.lease import HEALTH, Lease
@@ -111,6 +111,15 @@ class Worker:
                 for outcome in ("delivered", "failed", "dead")[:2 if channel == "mqtt" else 3]:
                     self.metrics.alert_deliveries.labels(kind, channel, outcome)
         self._outbox: Outbox | None = None
+        # SQLite has one write lock, and a writer that finds it taken polls for it in
+        # sleeps of up to 100 ms (its busy handler), past the moment it is free: a group
+        # behind the materializer's transaction waited that long, and its alerts with
+        # it. In one process the two take turns instead, first come first served
+        # (PostgreSQL locks rows, and lets them overlap). Smaller materializer
+        # transactions were measured no better: a visit's segments then span several,
+        # and the upserts, the costly part, multiply.
+        self._turn: contextlib.AbstractAsyncContextManager[object] = (
+            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.on_alert: Callable[[RaisedAlert], None] | None = None
@@ -211,7 +220,8 @@ class Worker:
         with self.metrics.group_seconds.time():
             while True:
                 try:
-                    result = await self.pipeline.process(msgs)
+                    async with self._turn:
+                        result = await self.pipeline.process(msgs)
                     break
                 except DB_ERRORS as exc:
                     # The database is away: keep the group unacknowledged and try again;
@@ -309,20 +319,22 @@ class Worker:
 
     async def _learn(self) -> None:
         """Relearn where bikes go next from the stored visits (alerts.forecast)."""
-        async with self.engine.connect() as conn:
+        async with reading(self.engine).connect() as conn:
             directory = await load_directory(conn)
         self.pipeline.forecast = await learn_from_history(self.engine, directory, self.clock())
 
     async def _materialize(self) -> None:
-        # One bounded transaction after another; the hot path gets the lock in between.
-        while await materialize(self.engine):
-            pass
+        # One bounded transaction after another; the hot path gets its turn in between.
+        while True:
+            async with self._turn:
+                if not await materialize(self.engine):
+                    return
 
     async def _refresh(self) -> None:
         """Swap in a new snapshot when the registry version moved (DESIGN.md decision 2)."""
         now = self.clock()
         expiry = self.holder.current.next_expiry_ms
-        async with self.engine.connect() as conn:
+        async with reading(self.engine).connect() as conn:
             version = await registry_version(conn)
             if version == self._version and (expiry is None or now < expiry):
                 return

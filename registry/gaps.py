@@ -13,6 +13,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry.db import reading
 from registry.models import SeenBatch
 
 WINDOW_MS = 5 * 60_000
@@ -25,7 +26,7 @@ async def missing_batches(engine: AsyncEngine, since_ms: int) -> dict[str, int]:
          .where(SeenBatch.received_ms >= since_ms)
          .group_by(SeenBatch.station, SeenBatch.boot).having(missing > 0))
     out: dict[str, int] = {}
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         for station, n in await conn.execute(q):
             out[station] = out.get(station, 0) + int(n)
     return out

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, exists, func, select, true, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry.db import reading
 from registry.models import Alert, CaseEvent, Delivery, RejectRecord, Station, TheftCase, Visit
 from registry.tags import format_tag, from_db, to_db
 
@@ -20,7 +21,7 @@ async def list_rejects(engine: AsyncEngine, limit: int = 50, reason: str | None 
         q = q.where(RejectRecord.reason == reason)
     if station:
         q = q.where(RejectRecord.station == station)
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         rows = (await conn.execute(q)).all()
     return [{"received_ms": r.received_ms, "station": r.station, "reason": r.reason,
              "reads": r.reads, "detail": r.detail, "boot": r.boot, "seq": r.seq,
@@ -29,7 +30,7 @@ async def list_rejects(engine: AsyncEngine, limit: int = 50, reason: str | None 
 
 
 async def count_rejects(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         return int((await conn.execute(select(func.count()).select_from(RejectRecord)))
                    .scalar_one())
 
@@ -37,7 +38,7 @@ async def count_rejects(engine: AsyncEngine) -> int:
 async def trajectory(engine: AsyncEngine, tag: int, since_ms: int = 0,
                      limit: int = 1000) -> list[dict[str, Any]]:
     """A tag's station visits since `since_ms`, oldest first."""
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         rows = (await conn.execute(
             select(Visit.station, Visit.first_ms, Visit.last_ms, Visit.reads, Visit.best_rssi,
                    Station.name, Station.lat, Station.lon, Station.zone)
@@ -55,7 +56,7 @@ DELIVERY_STATES = ("pending", "delivered", "dead")
 async def outbox_backlog(engine: AsyncEngine) -> tuple[dict[str, int], dict[str, int]]:
     """Per channel (`mqtt`, `webhook/NAME`): alerts not yet delivered, and the oldest one's
     raise (or creation) time."""
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         mqtt = (await conn.execute(select(func.count(), func.min(Alert.raised_ms))
                                    .where(Alert.published_ms.is_(None)))).one()
         hooks = (await conn.execute(
@@ -85,7 +86,7 @@ async def list_deliveries(engine: AsyncEngine, state: str | None = None,
         q = q.where(Delivery.delivered_ms.is_not(None))
     elif state == "dead":
         q = q.where(Delivery.dead_ms.is_not(None))
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         rows = (await conn.execute(q)).all()
     return [{"alert_id": r.alert_id, "webhook": r.channel, "kind": r.kind,
              "case_id": r.case_id, "zone": r.zone, "attempts": r.attempts,
@@ -139,7 +140,7 @@ async def list_cases(engine: AsyncEngine, status: str = "open", limit: int = 100
          .order_by(TheftCase.reported_ms.desc(), TheftCase.case_id).limit(limit).offset(offset))
     if status != "all":
         q = q.where(TheftCase.status == status)
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         cases = (await conn.execute(q)).all()
         ids = [c.case_id for c in cases]
         newest = (select(Alert.case_id, func.max(Alert.raised_ms).label("raised"))
@@ -158,7 +159,7 @@ async def visible(engine: AsyncEngine, zones: Collection[str] | None, *,
     and for a record that does not exist (the change then answers not found)."""
     if zones is None:
         return True
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         if case_id is not None:
             q = select(TheftCase.case_id).where(TheftCase.case_id == case_id)
             if (await conn.execute(q)).first() is None:
@@ -173,7 +174,7 @@ async def case_detail(engine: AsyncEngine, case_id: str,
                       zones: Collection[str] | None = None) -> dict[str, Any] | None:
     """A case with its full trajectory since the theft, its alerts and who changed what;
     None if there is no such case (or it was not seen in `zones`)."""
-    async with engine.connect() as conn:
+    async with reading(engine).connect() as conn:
         case = (await conn.execute(select(TheftCase).where(TheftCase.case_id == case_id,
                                                            _in_zones(zones)))).first()
         if case is None:
