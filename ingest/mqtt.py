@@ -129,7 +129,8 @@ class Inbox:
 
 
 class MqttLink:
-    """One connection to the broker: subscriptions in, acknowledgements and alerts out."""
+    """Two connections to the broker: the worker's session (subscriptions in, their
+    acknowledgements out) and one that publishes (alerts, health events)."""
 
     def __init__(self, settings: Settings, inbox: Inbox, clock: Callable[[], int]) -> None:
         self.settings = settings
@@ -145,11 +146,23 @@ class MqttLink:
             clean_session=None if v5 else False, manual_ack=True)
         ep.secure(self.client)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)  # capped backoff
-        self.client.max_inflight_messages_set(1000)  # our own QoS 1 publishes (alerts)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
+        # Alerts and health events leave on a connection of their own: on the one that
+        # brings the reads in, a PUBACK waited behind every read queued before it, for a
+        # network thread that shares the interpreter with the hot path.
+        self.out = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"{settings.client_id}-out",
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else True)
+        ep.secure(self.out)
+        self.out.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.out.max_inflight_messages_set(1000)  # our own QoS 1 publishes
+        self.out_connected = threading.Event()
+        self.out.on_connect = self._on_out_connect
+        self.out.on_disconnect = lambda *_: self.out_connected.clear()
+        self.out.on_publish = self._on_publish
         self.connected = threading.Event()
         self.connection = 0  # counts disconnects; written by the network thread only
         self.refused: str | None = None
@@ -172,19 +185,23 @@ class MqttLink:
         self.client.connect_async(self._ep.host, self._ep.port, keepalive=30, clean_start=clean,
                                   properties=props)
         self.client.loop_start()
+        self.out.connect_async(self._ep.host, self._ep.port, keepalive=30)
+        self.out.loop_start()
 
     async def wait_connected(self, timeout: float) -> bool:
+        """True once both connections are up; False on a refusal or at the timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.connected.is_set() or self.refused:
+            if (self.connected.is_set() and self.out_connected.is_set()) or self.refused:
                 break
             await asyncio.sleep(0.05)
-        return self.connected.is_set()
+        return self.connected.is_set() and self.out_connected.is_set()
 
     def stop(self) -> None:
         self.inbox.closed = True
-        self.client.disconnect()
-        self.client.loop_stop()
+        for client in (self.client, self.out):
+            client.disconnect()
+            client.loop_stop()
 
     # -- network thread: hand off only ----------------------------------------
 
@@ -199,6 +216,15 @@ class MqttLink:
         client.subscribe(self.subscriptions)  # again after every reconnect
         self.connected.set()
         log.info("connected to %s:%s", self._ep.host, self._ep.port)
+
+    def _on_out_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode,
+                        _p: Properties | None) -> None:
+        if rc.is_failure:
+            self.refused = str(rc)
+            log.warning("broker refused the publishing connection: %s", rc)
+            return
+        nodelay(client)
+        self.out_connected.set()
 
     def _on_disconnect(self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode,
                        _p: Properties | None) -> None:
@@ -244,7 +270,7 @@ class MqttLink:
     async def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
         """Publish with QoS 1 and wait for the broker's PUBACK."""
         fut: asyncio.Future[None] = self._loop.create_future()
-        info = self.client.publish(topic, payload, qos=1)
+        info = self.out.publish(topic, payload, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise ConnectionError(f"publish failed: {paho.error_string(info.rc)}")
         self._pending[info.mid] = fut

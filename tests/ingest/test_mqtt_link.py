@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.broker import free_port, start_broker
+from ingest.broker import BrokerHandle, free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.config import Settings
 from ingest.mqtt import Inbox, MqttLink
@@ -107,3 +107,22 @@ async def test_the_inbox_is_bounded_in_bytes_and_takes_a_larger_message_alone() 
     inbox.release(second)
     inbox.put_threadsafe(message(5_000))  # over the whole budget, but alone: in at once
     assert [len(m.payload) for m in await inbox.take(10)] == [5_000]
+
+
+async def test_alerts_leave_while_the_reads_connection_is_held_back(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Alerts go out on a connection of their own, so that their PUBACK does not wait
+    behind the reads: here the reads' network thread is stopped outright (its inbox
+    full, as under backpressure), and an alert is still published and acknowledged."""
+    settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    link = MqttLink(settings, Inbox(asyncio.get_running_loop(), 100, max_bytes=100), wall_ms)
+    link.start()
+    assert await link.wait_connected(10)
+    await asyncio.sleep(0.3)  # subscribed
+    try:
+        await asyncio.to_thread(_publish, settings, [b"x" * 80] * 5)  # one fits, alone
+        assert await until(lambda: link.inbox.waits > 0)  # the reads' thread waits for room
+        await asyncio.wait_for(link.publish(f"{settings.mqtt_root}/alerts/z", b"{}"), 5)
+    finally:
+        link.inbox.closed = True
+        link.stop()
