@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import subprocess
@@ -22,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +42,9 @@ from simulator.bench_workers import bench_workers
 from simulator.loadgen import LoadGen
 from simulator.report import Report
 
+if TYPE_CHECKING:
+    from ingest.service import Worker
+
 READS_PER_BATCH = 50
 STATIONS = 200
 BIKES_IN_RANGE = 10   # distinct tags in one batch, each heard READS_PER_BATCH / 10 times
@@ -45,6 +52,7 @@ VISIT_BATCHES = 10    # batches of one station before the bikes in range change
 EPOCHS = 32
 STOLEN_TAG = 0xDEAD0001
 OPEN_CASES = 1_000  # in the latency run
+SOAK_SAMPLE_S = 60.0
 
 
 def _ns_per(fn: Callable[[], object], reads: int, min_s: float = 0.3) -> float:
@@ -147,16 +155,17 @@ def publish_main(argv: list[str]) -> None:
 
     def make(i: int) -> tuple[str, bytes]:
         station = i % STATIONS
-        epoch = (i // (STATIONS * VISIT_BATCHES)) % EPOCHS
+        seq = i // STATIONS  # each station numbers its own batches: no gaps (registry.gaps)
+        epoch = (seq // VISIT_BATCHES) % EPOCHS
         block = (stolen_blocks if every and i % every == 0 else blocks)[
             epoch * STATIONS + station]
         now = wall_ms()
         if a.format == "binary":
-            return topics[i % STATIONS], HEADER.pack(b"BW", 1, 0, boot, i, now,
-                                                     READS_PER_BATCH) + block
+            return topics[station], HEADER.pack(b"BW", 1, 0, boot, seq, now,
+                                                READS_PER_BATCH) + block
         reads = block.replace(b"%d", str(now).encode())
-        return topics[i % STATIONS], (b'{"v":1,"boot":%d,"seq":%d,"sent_ms":%d,"reads":'
-                                      % (boot, i, now) + reads + b"}")
+        return topics[station], (b'{"v":1,"boot":%d,"seq":%d,"sent_ms":%d,"reads":'
+                                 % (boot, seq, now) + reads + b"}")
 
     gen = LoadGen(a.port, f"benchpub-{uuid.uuid4().hex[:8]}")
     try:
@@ -252,11 +261,13 @@ class _WebhookTimer:
 async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: float = 0,
                       stolen_every: int = 0, db_url: str | None = None,
                       open_cases: int = 1, webhook: _WebhookTimer | None = None,
+                      sample_s: float = 0,
                       ) -> tuple[float, list[float], tuple[int, int], list[float]]:
-    """reads/s, MQTT alert latencies (ms), RSS at start and end, webhook latencies (ms)."""
+    """reads/s, MQTT alert latencies (ms), RSS at start and end, webhook latencies (ms).
+    With `sample_s`, memory is also printed every `sample_s` seconds (see `_memory`)."""
     from sqlalchemy import select
 
-    from ingest.service import Worker
+    from ingest.service import Worker, keep_large_buffers_apart
     from registry.cases import report_theft
     from registry.db import open_database
     from registry.imports import import_vehicles
@@ -279,6 +290,7 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
             f"{t:08x},P,N,1,B,C\n" for t in (STOLEN_TAG, *others)))
         for i, t in enumerate((STOLEN_TAG, *others)):
             await report_theft(engine, t, f"BENCH-{i}", 0, wall_ms())
+        keep_large_buffers_apart()  # as `bikewatch serve` does: the memory figure is its
         worker = Worker(settings, engine)
         latencies: list[float] = []
         worker.on_alert = lambda a: latencies.append(wall_ms() - a.received_ms)
@@ -293,7 +305,13 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
         pub = _start_publisher(broker, root, seconds + 2, fmt, rate, stolen_every)
         await asyncio.sleep(1.0)  # warm up
         r0, t0 = reads(), time.monotonic()
-        await asyncio.sleep(seconds)
+        if sample_s:
+            print(f"  {0:>5.0f} s: {_memory(worker)}", flush=True)
+            while (left := t0 + seconds - time.monotonic()) > 0:
+                await asyncio.sleep(min(sample_s, left))
+                print(f"  {time.monotonic() - t0:>5.0f} s: {_memory(worker)}", flush=True)
+        else:
+            await asyncio.sleep(seconds)
         r1, t1 = reads(), time.monotonic()
         rss1 = _rss_mb()
         await asyncio.to_thread(pub.wait)
@@ -308,6 +326,27 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
         await task
         await engine.dispose()
         return (r1 - r0) / (t1 - t0), latencies, (rss0, rss1), hook_ms
+
+
+def _sqlite_heap_mb() -> float | None:
+    """What SQLite itself holds (page caches above all), process-wide; None where the
+    library cannot be reached."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        return float(lib.sqlite3_memory_used()) / 2**20
+    except (OSError, AttributeError):
+        return None
+
+
+def _memory(worker: Worker) -> str:
+    """One soak sample: where the worker's memory is, to tell growth from a leak."""
+    heap = _sqlite_heap_mb()
+    pool: Any = worker.engine.sync_engine.pool
+    return (f"RSS {_rss_mb()} MB, SQLite heap "
+            f"{'?' if heap is None else f'{heap:.0f}'} MB, open visits "
+            f"{len(worker.pipeline.tracker):,}, database connections "
+            f"{pool.checkedin() + pool.checkedout()}, Python objects {len(gc.get_objects()):,}")
 
 
 def _rss_mb() -> int:
@@ -365,7 +404,14 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
             await bench_workers(broker, seconds, db_url or f"sqlite+aiosqlite:///{tmp}/w.db",
                                 report, _start_publisher)
         if soak:
-            rate, _, (r0, r1), _ = await _worker_run(broker, soak, "binary", db_url=db_url)
+            # Full load is the most the worker carries (measured above), not all the
+            # publisher can send: beyond it the backlog grows in the broker without end
+            # (2.9 GB in 5 minutes, measured), and the broker, slowed by it, is what the
+            # run measures.
+            print(f"soak of {soak:.0f} s at full load ({top:,.0f} batches/s), "
+                  f"memory every {SOAK_SAMPLE_S:.0f} s:")
+            rate, _, (r0, r1), _ = await _worker_run(broker, soak, "binary", rate=top,
+                                                     db_url=db_url, sample_s=SOAK_SAMPLE_S)
             print(f"soak {soak:.0f} s at full load: {rate:,.0f} reads/s, "
                   f"RSS {r0} MB at start, {r1} MB at end (bench process, worker in it)")
             report.add("memory", f"RSS after a {soak:.0f} s soak", r1, "MB", r0, "RSS at start")
