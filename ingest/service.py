@@ -375,6 +375,7 @@ class Worker:
         # Open visits older than this can no longer continue; only a late read could
         # still meet them, and the late path looks in the table anyway.
         self.pipeline.tracker.prune(now - OPEN_VISITS_KEPT_MS)
+        give_back_free_memory()
 
 
     async def _gaps(self) -> None:
@@ -402,6 +403,25 @@ class Worker:
         return deleted
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def give_back_free_memory() -> None:
+    """Return the free pages of every malloc arena to the system (glibc's malloc_trim).
+
+    The network thread allocates each message in its own arena and the event loop
+    frees it, so free chunks gather there that glibc gives back only at the arena's
+    top. Called every MAINTAIN_S; elsewhere (no glibc) a no-op."""
+    libc = _libc()
+    with contextlib.suppress(AttributeError):
+        if libc is not None:
+            libc.malloc_trim(0)
+
+
 def keep_large_buffers_apart() -> None:
     """Give blocks of 64 KiB and more (payloads, reject excerpts, a group's arrays)
     mappings of their own, unmapped when freed.
@@ -414,9 +434,10 @@ def keep_large_buffers_apart() -> None:
     stayed between 96 and 171 MB. 64 KiB rather than 128 KiB takes in the 64 KiB
     excerpts kept of rejected payloads. Other C libraries have no such behaviour or
     no mallopt, and are left alone."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc = _libc()
+    with contextlib.suppress(AttributeError):
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
