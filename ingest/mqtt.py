@@ -78,11 +78,11 @@ class Inbox:
         self._ready = asyncio.Event()
         self._wake_pending = False
         self.capacity = capacity
-        # Twice what we advertise as Receive Maximum. Under load, Mosquitto 2.0.11 was
-        # measured sending past it (by 1, and by 17 and more around reconnects), and a
-        # network thread blocked here stops answering keep-alives: the broker then drops
-        # the connection. The broker's limit bounds the count; this one only guards
-        # against a broker that ignores it.
+        # Twice what we advertise as Receive Maximum. Mosquitto 2.0.11 honours that only
+        # until acknowledgements flow: with Receive Maximum 10 and 200 messages queued,
+        # it sent 10, and after those 10 were acknowledged, 100 more (whatever its
+        # max_inflight_messages). So this bound, not the broker's, holds the count, and
+        # at full load the network thread does wait here.
         self._most = capacity * 2
         # Receive Maximum counts messages, not bytes: 2,000 payloads of 400 kB (a flood
         # of oversized batches) held 800 MB. A message larger than the whole budget
