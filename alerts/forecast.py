@@ -14,6 +14,7 @@ the worker builds a new one every `REFRESH_S` and swaps it in.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ MAX_GAP_MS = 30 * 60_000   # visits further apart are two trips, not a transitio
 MIN_SUPPORT = 3            # transitions seen fewer times than this are too thin to rank by
 HISTORY_DAYS = 30
 HISTORY_ROWS = 2_000_000   # newest visits read to learn from: bounded memory and time
+HISTORY_CHUNK = 50_000     # rows fetched and converted at a time (learn_from_history)
 REFRESH_S = 600.0
 CONE_DEG = 60.0
 TOP = 3
@@ -126,20 +128,32 @@ EMPTY = Forecast((), {}, {}, {}, np.empty(0), np.empty(0))
 
 
 async def learn_from_history(engine: AsyncEngine, directory: Mapping[str, StationInfo],
-                             now_ms: int) -> Forecast:
-    """The model from the newest stored visits of every bike."""
+                             now_ms: int, chunk: int = HISTORY_CHUNK) -> Forecast:
+    """The model from the newest stored visits of every bike.
+
+    The rows come `chunk` at a time and each chunk becomes arrays before the next is
+    fetched, so the event loop, the hot path on it, gets its turns in between: at full
+    load the window holds all HISTORY_ROWS, and two million rows turned into lists, then
+    arrays, in one go held the loop for seconds, every REFRESH_S."""
+    index = {name: i for i, name in enumerate(directory)}
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     async with reading(engine).connect() as conn:
-        rows = (await conn.execute(
+        result = await conn.stream(
             select(Visit.tag, Visit.station, Visit.first_ms, Visit.last_ms)
             .where(Visit.first_ms >= now_ms - HISTORY_DAYS * 86_400_000)
-            .order_by(Visit.first_ms.desc()).limit(HISTORY_ROWS))).all()
-    if not rows:
-        return Forecast.learn(np.empty(0, np.int64), np.empty(0, np.int64),
-                              np.empty(0, np.int64), np.empty(0, np.int64),
-                              tuple(sorted(directory)), directory)
-    tag, station, first, last = (list(c) for c in zip(*rows, strict=True))
-    names, idx = np.unique(np.array(station + list(directory), dtype=object),
-                           return_inverse=True)
-    return Forecast.learn(np.array(tag, np.int64), idx[:len(station)],
-                          np.array(first, np.int64), np.array(last, np.int64),
-                          tuple(str(x) for x in names), directory)
+            .order_by(Visit.first_ms.desc()).limit(HISTORY_ROWS))
+        async for rows in result.partitions(chunk):
+            tag, station, first, last = zip(*rows, strict=True)
+            parts.append((np.array(tag, np.int64),
+                          np.array([index.setdefault(s, len(index)) for s in station], np.int64),
+                          np.array(first, np.int64), np.array(last, np.int64)))
+    columns = [np.concatenate(c) for c in zip(*parts, strict=True)] if parts else [
+        np.empty(0, np.int64)] * 4
+    # Station indices in sorted order of the names, as they were before (np.unique).
+    names = sorted(index)
+    rank = np.empty(len(index), np.int64)
+    rank[[index[n] for n in names]] = np.arange(len(names))
+    # In a thread: numpy sorts two million rows without the interpreter's lock, and the
+    # event loop goes on meanwhile.
+    return await asyncio.to_thread(Forecast.learn, columns[0], rank[columns[1]], columns[2],
+                                   columns[3], tuple(names), directory)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alerts.forecast import MAX_GAP_MS, Forecast
+from alerts.forecast import MAX_GAP_MS, Forecast, learn_from_history
+from registry.models import Visit
 from registry.stations import StationInfo
 
 # A crossroads: W - X - E on a west-east road, N north of X, S south of X; F far east.
@@ -49,3 +52,20 @@ class TestFallback:
         assert model.next_stations("S", "X") == ["N"]
         assert model.next_stations(None, "W")[0] == "X"
         assert model.next_stations(None, "nowhere") == []
+
+
+async def test_learned_from_the_store_a_chunk_at_a_time(engine: AsyncEngine) -> None:
+    """The stored visits, read a few rows at a time, give the model the arrays give."""
+    trips = [["W", "X", "E"]] * 8 + [["W", "X", "N"]] * 4 + [["S", "X", "N"]] * 6
+    base = 1_700_000_000_000
+    rows = [{"tag": t, "station": s, "first_ms": base + i * 90_000,
+             "last_ms": base + i * 90_000 + 30_000, "reads": 1, "best_rssi": None}
+            for t, trip in enumerate(trips) for i, s in enumerate(trip)]
+    async with engine.begin() as conn:
+        await conn.execute(insert(Visit), rows)
+    expected = _learn(trips)
+    for chunk in (7, 1_000):  # many chunks, one chunk
+        model = await learn_from_history(engine, DIRECTORY, base + 3_600_000, chunk=chunk)
+        assert model.names == NAMES
+        assert (model.first, model.second) == (expected.first, expected.second)
+        assert model.next_stations("W", "X")[:2] == ["E", "N"]
