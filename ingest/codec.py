@@ -16,7 +16,7 @@ from typing import Any, TypeGuard, cast
 import numpy as np
 import orjson
 
-from ingest.batch import ReadBatch
+from ingest.batch import ReadBatch, Reads
 from ingest.errors import Reason, Rejected
 from registry.tags import format_tag, is_tag_text
 
@@ -123,13 +123,15 @@ def _binary_columns(meta: list[tuple[int, str, int, int, int, int, int]],
     ts, ahead = _unskew(ts, np.array([m[6] for m in meta], dtype=np.int64)[batch_of])
     skew_per = (np.bincount(batch_of[ahead], minlength=n) if ahead is not None
                 else np.zeros(n, dtype=np.int64))
+    # The batches are spans of the group's columns (ingest.batch.gather), contiguous
+    # copies: the record fields are strided views of a read-only buffer.
+    reads = Reads(np.ascontiguousarray(tag), ts, np.ascontiguousarray(rssi),
+                  np.ascontiguousarray(ant), np.ascontiguousarray(flags))
     ends = np.cumsum(counts).tolist()
-    starts = [0, *ends[:-1]]
-    return [ReadBatch(m[1], m[2], m[3], m[4], tag=tag[a:b], ts_ms=ts[a:b], rssi=rssi[a:b],
-                      ant=ant[a:b], flags=flags[a:b], bad_value=int(bv), skewed=int(sk),
+    return [ReadBatch(m[1], m[2], m[3], m[4], reads, a, b, bad_value=bv, skewed=sk,
                       binary=True)
-            for m, a, b, bv, sk in zip(meta, starts, ends, bad_per.tolist(), skew_per.tolist(),
-                                       strict=True)]
+            for m, a, b, bv, sk in zip(meta, [0, *ends[:-1]], ends, bad_per.tolist(),
+                                       skew_per.tolist(), strict=True)]
 
 
 def _decode_json(payload: bytes, station: str, now_ms: int) -> ReadBatch:
@@ -170,8 +172,8 @@ def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: in
     if fast is not None:
         tag, ts, rssi, ant, flags = fast
         ts, ahead = _unskew(ts, now_ms)
-        return ReadBatch(station, boot, seq, sent_ms, tag=tag, ts_ms=ts, rssi=rssi, ant=ant,
-                         flags=flags, skewed=_count(ahead))
+        return ReadBatch.of(station, boot, seq, sent_ms, Reads(tag, ts, rssi, ant, flags),
+                            skewed=_count(ahead))
     # Some read is bad: check each one, keep the good ones.
     objs = [r if type(r) is dict else _NOT_A_READ for r in reads]
     tags = [r.get("tag") for r in objs]
@@ -193,11 +195,11 @@ def _json_reads(reads: list[Any], station: str, boot: int, seq: int, sent_ms: in
     ts = np.array([ts_raw[i] for i in keep], dtype=np.int64)
     ts, ahead = _unskew(ts, now_ms)
     skewed = _count(ahead)
-    return ReadBatch(
-        station, boot, seq, sent_ms, tag=tag, ts_ms=ts,
-        rssi=np.array([rssi_raw[i] for i in keep], dtype=np.int8),
-        ant=np.array([ant_raw[i] for i in keep], dtype=np.uint8),
-        flags=np.array([flags_raw[i] for i in keep], dtype=np.uint16),
+    return ReadBatch.of(
+        station, boot, seq, sent_ms, Reads(
+            tag, ts, np.array([rssi_raw[i] for i in keep], dtype=np.int8),
+            np.array([ant_raw[i] for i in keep], dtype=np.uint8),
+            np.array([flags_raw[i] for i in keep], dtype=np.uint16)),
         bad_tag=bad_tag, bad_value=bad_value, skewed=skewed)
 
 

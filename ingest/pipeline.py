@@ -40,7 +40,7 @@ from alerts.engine import (
 )
 from alerts.forecast import EMPTY
 from alerts.geo import distance_km_array
-from ingest.batch import FLAG_TAMPER, ReadBatch
+from ingest.batch import FLAG_TAMPER, ReadBatch, gather
 from ingest.codec import decode_many
 from ingest.errors import Reason, Rejected
 from ingest.health import StationHealth
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 REJECT_PAYLOAD_MAX = 64 * 1024
 # Stations closer than this may both hear a bike between them: no impossible travel there.
 IMPOSSIBLE_MIN_KM = 0.5
+ROUTES_KEPT = 100_000  # topics remembered (Pipeline._route)
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,6 +122,7 @@ class Pipeline:
         self._coords_key: tuple[int, int] | None = None
         self._coords = (np.empty(0), np.empty(0))
         self._recorded_unknown: set[str] = set()
+        self._routes: dict[str, tuple[str, str, bool] | None] = {}
         self.forecast = EMPTY  # swapped in by the worker (alerts.forecast)
         # zone -> the webhooks that take its alerts (alerts.webhook)
         self.webhooks: Callable[[str], Sequence[str]] = lambda _zone: ()
@@ -131,12 +133,14 @@ class Pipeline:
         out = _Decoded()
         keys: set[tuple[str, int, int]] = set()
         reads: list[tuple[Inbound, str]] = []
-        n_root = len(self.root)
         for m in msgs:
-            levels = m.topic.split("/")
-            if len(levels) != n_root + 3 or levels[:n_root] != self.root:
+            try:
+                route = self._routes[m.topic]
+            except KeyError:
+                route = self._route(m.topic)
+            if route is None:
                 continue  # not ours (subscriptions are exact, so this is a broker quirk)
-            station, kind = levels[n_root + 1], levels[n_root + 2]
+            station, kind, named_well = route
             if kind == "status":
                 text = m.payload.decode("utf-8", "replace").strip()
                 if text in ("online", "offline"):
@@ -148,7 +152,7 @@ class Pipeline:
             if kind != "reads":
                 continue
             result.received += 1
-            if not NAME_RE.fullmatch(station):
+            if not named_well:
                 self._reject(out, result, m, station[:64], Rejected(
                     Reason.BAD_VALUE, "station id in the topic breaks [A-Za-z0-9._-]{1,64}"))
             else:
@@ -158,20 +162,41 @@ class Pipeline:
             if isinstance(batch, Rejected):
                 self._reject(out, result, m, station, batch)
                 continue
-            for reason, count in ((Reason.BAD_TAG, batch.bad_tag),
-                                  (Reason.BAD_VALUE, batch.bad_value)):
-                if count:
-                    out.rejects.append(_reject_row(m, station, reason, count,
-                                                   f"{count} read(s) dropped", batch.boot,
-                                                   batch.seq))
-                    result.rejected_reads[reason.value] = (
-                        result.rejected_reads.get(reason.value, 0) + count)
-            if batch.key in self._seen or batch.key in keys:
+            if batch.bad_tag or batch.bad_value:
+                self._reject_reads(out, result, m, station, batch)
+            key = batch.key
+            if key in self._seen or key in keys:
                 result.duplicates += 1
                 continue
-            keys.add(batch.key)
+            keys.add(key)
             out.batches.append((batch, m.received_ms, m.payload))
         return out
+
+    def _route(self, topic: str) -> tuple[str, str, bool] | None:
+        """(station, kind, whether the station id is well formed) of a topic under our
+        root, None for any other; remembered, as a town's topics are few and repeat."""
+        levels = topic.split("/")
+        n = len(self.root)
+        route = None
+        if len(levels) == n + 3 and levels[:n] == self.root:
+            station = levels[n + 1]
+            route = (station, levels[n + 2], NAME_RE.fullmatch(station) is not None)
+        if len(self._routes) >= ROUTES_KEPT:  # a flood of made-up station ids
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    @staticmethod
+    def _reject_reads(out: _Decoded, result: GroupResult, m: Inbound, station: str,
+                      batch: ReadBatch) -> None:
+        for reason, count in ((Reason.BAD_TAG, batch.bad_tag),
+                              (Reason.BAD_VALUE, batch.bad_value)):
+            if count:
+                out.rejects.append(_reject_row(m, station, reason, count,
+                                               f"{count} read(s) dropped", batch.boot,
+                                               batch.seq))
+                result.rejected_reads[reason.value] = (
+                    result.rejected_reads.get(reason.value, 0) + count)
 
     @staticmethod
     def _reject(out: _Decoded, result: GroupResult, m: Inbound, station: str,
@@ -239,10 +264,8 @@ class Pipeline:
     async def _reads(self, conn: AsyncConnection, batches: list[tuple[ReadBatch, int, bytes]],
                      result: GroupResult) -> None:
         lengths = np.array([len(b) for b, _, _ in batches], dtype=np.int64)
-        tag = np.concatenate([b.tag for b, _, _ in batches])
-        ts = np.concatenate([b.ts_ms for b, _, _ in batches])
-        rssi = np.concatenate([b.rssi for b, _, _ in batches])
-        flags = np.concatenate([b.flags for b, _, _ in batches])
+        reads = gather([(b.columns, b.start, b.stop) for b, _, _ in batches])
+        tag, ts, rssi, flags = reads.tag, reads.ts_ms, reads.rssi, reads.flags
         station = np.repeat(np.array([self.tracker.station_index(b.station)
                                       for b, _, _ in batches], dtype=np.int32), lengths)
         received = np.repeat(np.array([r for _, r, _ in batches], dtype=np.int64), lengths)
