@@ -16,6 +16,7 @@ import ctypes.util
 import gc
 import os
 import resource
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,8 @@ STATIONS = 200
 BIKES_IN_RANGE = 10   # distinct tags in one batch, each heard READS_PER_BATCH / 10 times
 VISIT_BATCHES = 10    # batches of one station before the bikes in range change
 EPOCHS = 32
-STOLEN_TAG = 0xDEAD0001
+STOLEN_TAG = 0xDEAD0001  # and the next OPEN_CASES - 1 tags; the traffic's are random
+TAG = struct.Struct("<Q")  # a binary record's first field
 OPEN_CASES = 1_000  # in the latency run
 SOAK_SAMPLE_S = 60.0
 
@@ -125,6 +127,7 @@ def publish_main(argv: list[str]) -> None:
     p.add_argument("--rate", type=float, default=0)
     p.add_argument("--format", default="binary")
     p.add_argument("--stolen-every", type=int, default=0)
+    p.add_argument("--stolen-tags", type=int, default=1)
     a = p.parse_args(argv)
     rng = np.random.default_rng(os.getpid())
     boot = int(time.time()) & 0xFFFFFFFF
@@ -152,6 +155,7 @@ def publish_main(argv: list[str]) -> None:
                     for t in tags.tolist()) + b"]")
     topics = [f"{a.root}/stations/B-{i}/reads" for i in range(STATIONS)]
     every = a.stolen_every
+    stolen_text = format_tag(STOLEN_TAG).encode()
 
     def make(i: int) -> tuple[str, bytes]:
         station = i % STATIONS
@@ -159,6 +163,13 @@ def publish_main(argv: list[str]) -> None:
         epoch = (seq // VISIT_BATCHES) % EPOCHS
         block = (stolen_blocks if every and i % every == 0 else blocks)[
             epoch * STATIONS + station]
+        if every and i % every == 0 and a.stolen_tags > 1:
+            # One stolen bike after another, each at a station now and then, as in a
+            # town; one bike at every station in turn had a trajectory growing by 20
+            # visits a second, and every alert reading and sending all of it.
+            tag = STOLEN_TAG + (i // every) % a.stolen_tags
+            block = (TAG.pack(tag) + block[TAG.size:] if a.format == "binary"
+                     else block.replace(stolen_text, format_tag(tag).encode(), 1))
         now = wall_ms()
         if a.format == "binary":
             return topics[station], HEADER.pack(b"BW", 1, 0, boot, seq, now,
@@ -176,11 +187,13 @@ def publish_main(argv: list[str]) -> None:
 
 
 def _start_publisher(broker: BrokerHandle, root: str, seconds: float, fmt: str = "binary",
-                     rate: float = 0, stolen_every: int = 0) -> subprocess.Popen[str]:
+                     rate: float = 0, stolen_every: int = 0,
+                     stolen_tags: int = 1) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "simulator.bench", "publish", "--port", str(broker.port),
          "--root", root, "--seconds", str(seconds), "--format", fmt, "--rate", str(rate),
-         "--stolen-every", str(stolen_every)], stdout=subprocess.PIPE, text=True)
+         "--stolen-every", str(stolen_every), "--stolen-tags", str(stolen_tags)],
+        stdout=subprocess.PIPE, text=True)
 
 
 def _bare_paho(broker: BrokerHandle, root: str, seconds: float) -> float:
@@ -284,11 +297,11 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
             "BIKEWATCH_CLIENT_ID": f"benchw-{uuid.uuid4().hex[:6]}",
             "BIKEWATCH_WEBHOOKS": hooks})
         engine = await open_database(settings.db_url)
-        # Open cases beside the bench's own: tags the traffic never carries (over 2^40).
-        others = [2**41 + i for i in range(open_cases - 1)]
+        # The stolen reads take these tags in turn (the publisher's --stolen-tags).
+        stolen = [STOLEN_TAG + i for i in range(open_cases)]
         await import_vehicles(engine, "tag,plate,owner_name,owner_phone,brand,color\n" + "".join(
-            f"{t:08x},P,N,1,B,C\n" for t in (STOLEN_TAG, *others)))
-        for i, t in enumerate((STOLEN_TAG, *others)):
+            f"{t:08x},P,N,1,B,C\n" for t in stolen))
+        for i, t in enumerate(stolen):
             await report_theft(engine, t, f"BENCH-{i}", 0, wall_ms())
         keep_large_buffers_apart()  # as `bikewatch serve` does: the memory figure is its
         worker = Worker(settings, engine)
@@ -302,7 +315,7 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
         def reads() -> float:
             return worker.registry.get_sample_value("bikewatch_reads_total") or 0.0
 
-        pub = _start_publisher(broker, root, seconds + 2, fmt, rate, stolen_every)
+        pub = _start_publisher(broker, root, seconds + 2, fmt, rate, stolen_every, open_cases)
         await asyncio.sleep(1.0)  # warm up
         r0, t0 = reads(), time.monotonic()
         if sample_s:
