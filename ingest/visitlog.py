@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ingest.visits import NO_RSSI, Segments
+from registry.db import reading
 from registry.models import VisitLog
 from registry.sql import executemany
 
@@ -93,18 +94,21 @@ async def upsert_segments(conn: AsyncConnection, rows: np.ndarray, names: list[s
     return len(start)
 
 
-async def materialize(engine: AsyncEngine, most_segments: int = 20_000) -> int:
-    """Fold the oldest log rows into `visits`; returns how many log rows were applied.
+async def materialize(engine: AsyncEngine, most_segments: int = 20_000,
+                      upto: int | None = None) -> int:
+    """Fold the oldest log rows (to id `upto`, where given) into `visits`; returns how
+    many log rows were applied.
 
     One transaction takes log rows until they hold `most_segments` segments: on
     SQLite it holds the only write lock, so it must stay short (about 0.1 to
     0.3 s here) or the hot path stalls behind it, stops acknowledging, and the
     broker drops the connection for its keep-alive."""
     async with engine.begin() as conn:
+        oldest = select(VisitLog.id, VisitLog.stations, VisitLog.segments)
+        if upto is not None:
+            oldest = oldest.where(VisitLog.id <= upto)
         candidates = (await conn.execute(
-            select(VisitLog.id, VisitLog.stations, VisitLog.segments)
-            .order_by(VisitLog.id).limit(100)
-            .with_for_update(skip_locked=True))).all()
+            oldest.order_by(VisitLog.id).limit(100).with_for_update(skip_locked=True))).all()
         logged: list[Any] = []
         total = 0
         for row in candidates:
@@ -127,6 +131,12 @@ async def materialize(engine: AsyncEngine, most_segments: int = 20_000) -> int:
         await conn.execute(delete(VisitLog).where(VisitLog.id.in_([r.id for r in logged])))
     log.debug("materialized %d log rows into %d visit rows", len(logged), written)
     return len(logged)
+
+
+async def newest_logged(engine: AsyncEngine) -> int | None:
+    """The id of the newest log row, None if the log is empty."""
+    async with reading(engine).connect() as conn:
+        return (await conn.execute(select(func.max(VisitLog.id)))).scalar()
 
 
 async def drain(engine: AsyncEngine) -> None:

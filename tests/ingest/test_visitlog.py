@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.visitlog import NO_RSSI, SEGMENT, drain, materialize, pack
+from ingest.visitlog import NO_RSSI, SEGMENT, drain, materialize, newest_logged, pack
 from registry.models import Visit, VisitLog
 
 
@@ -55,3 +55,16 @@ class TestMaterialize:
         visits = await _visits(engine)
         assert len(visits) == 350
         assert sum(v[4] for v in visits) == 350  # type: ignore[misc]
+
+    async def test_a_round_folds_what_was_logged_before_it_began(
+            self, engine: AsyncEngine) -> None:
+        for i in range(3):
+            await _log(engine, _rows((i, 0, 0, 10, 1, -40)), ["A"])
+        upto = await newest_logged(engine)
+        await _log(engine, _rows((9, 0, 0, 10, 1, -40)), ["A"])  # logged during the round
+        assert await materialize(engine, upto=upto) == 3
+        assert await materialize(engine, upto=upto) == 0  # the round ends here
+        assert [v[0] for v in await _visits(engine)] == [0, 1, 2]
+        assert await newest_logged(engine) == (upto or 0) + 1
+        await drain(engine)
+        assert await newest_logged(engine) is None
