@@ -5,15 +5,15 @@ are committed (DESIGN.md decision 3). paho 2.x has `manual_ack`; aiomqtt
 acknowledges on receipt and, with a capped queue, drops messages it has
 already acknowledged. `bikewatch bench` measures both subscribers.
 
-The network callback does one thing: append the message to the inbox (through
-`call_soon_threadsafe`) once the inbox has room for it. The room is the in-flight
-bound (DESIGN.md decision 5), in messages and in bytes: with MQTT 5 the broker
-itself keeps (about) to our Receive Maximum of unacknowledged messages, and the
-count, twice as large, does not block there; with MQTT 3.1.1 (amqtt), or a flood
-of large payloads, a full inbox blocks the network thread, which stops reading
-the socket, and TCP pushes back on the broker. Either way far fewer than 65,535
-QoS 1 messages are unacknowledged (receive_maximum is at most 30,000:
-Settings.validate), and memory is bounded.
+The network callback does one thing: append the message to the inbox once the
+inbox has room for it (waking the event loop, if no wake-up is on its way).
+The room is the in-flight bound (DESIGN.md decision 5), in messages and in
+bytes: with MQTT 5 the broker itself keeps (about) to our Receive Maximum of
+unacknowledged messages, and the count, twice as large, does not block there;
+with MQTT 3.1.1 (amqtt), or a flood of large payloads, a full inbox blocks the
+network thread, which stops reading the socket, and TCP pushes back on the
+broker. Either way far fewer than 65,535 QoS 1 messages are unacknowledged
+(receive_maximum is at most 30,000: Settings.validate), and memory is bounded.
 
 Sessions are persistent (clean_start False, a long session expiry), so a
 worker that dies with messages unacknowledged gets them again, or another

@@ -79,6 +79,30 @@ async def test_an_ack_goes_back_only_on_the_connection_its_message_came_on(
         broker.stop()
 
 
+async def test_what_was_acknowledged_stays_gone_and_the_rest_comes_again(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """The worker acknowledges a group and dies holding the next: after a reconnect of
+    the same session, the messages acknowledged stay gone and the others come again
+    (the broker keeps exactly what was not committed)."""
+    settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    link = await _linked(settings)
+    try:
+        payloads = [b"m-%d" % i for i in range(12)]
+        await asyncio.to_thread(_publish, settings, payloads)
+        got = await _take(link, 12)
+        link.ack(got[:8])
+        await asyncio.sleep(0.5)
+        link.stop()
+        link = await _linked(settings)
+        again = await _take(link, 4)
+        await asyncio.sleep(0.5)
+        assert not len(link.inbox)  # nothing acknowledged came again
+        assert sorted(m.payload for m in again) == sorted(m.payload for m in got[8:])
+        link.ack(again)
+    finally:
+        link.stop()
+
+
 async def test_the_inbox_is_bounded_in_bytes_and_takes_a_larger_message_alone() -> None:
     """Receive Maximum counts messages; the inbox also counts their bytes, and the
     network thread waits (so TCP pushes back on the broker) until a group is done."""
