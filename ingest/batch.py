@@ -107,27 +107,8 @@ class ReadBatch:
 
     @property
     def reads(self) -> Reads:
+        """Its own reads (a view: the hot path gathers the group's at once instead)."""
         return self.columns.span(self.start, self.stop)
-
-    @property
-    def tag(self) -> U64:
-        return self.columns.tag[self.start:self.stop]
-
-    @property
-    def ts_ms(self) -> I64:
-        return self.columns.ts_ms[self.start:self.stop]
-
-    @property
-    def rssi(self) -> I8:
-        return self.columns.rssi[self.start:self.stop]
-
-    @property
-    def ant(self) -> U8:
-        return self.columns.ant[self.start:self.stop]
-
-    @property
-    def flags(self) -> U16:
-        return self.columns.flags[self.start:self.stop]
 
     @property
     def key(self) -> tuple[str, int, int]:

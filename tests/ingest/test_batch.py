@@ -34,7 +34,7 @@ def test_gathered_reads_are_the_kept_batches_reads_in_order(
     kept = [b for b in batches if data.draw(st.booleans())]
     reads = gather([(b.columns, b.start, b.stop) for b in kept])
     for column in ("tag", "ts_ms", "rssi", "ant", "flags"):
-        expected = [v for b in kept for v in getattr(b, column).tolist()]
+        expected = [v for b in kept for v in getattr(b.reads, column).tolist()]
         assert getattr(reads, column).tolist() == expected, column
     assert len(reads) == sum(len(b) for b in kept)
 

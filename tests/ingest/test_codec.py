@@ -52,10 +52,10 @@ class TestRoundTrip:
         payload = encode_binary(boot, seq, base, *cols)
         b = decode(payload, "S1", NOW)
         assert (b.station, b.boot, b.seq) == ("S1", boot, seq)
-        assert b.tag.tolist() == list(cols[0])
-        assert b.ts_ms.tolist() == [base + d for d in cols[1]]
-        assert b.rssi.tolist() == list(cols[2])
-        assert b.ant.tolist() == list(cols[3]) and b.flags.tolist() == list(cols[4])
+        assert b.reads.tag.tolist() == list(cols[0])
+        assert b.reads.ts_ms.tolist() == [base + d for d in cols[1]]
+        assert b.reads.rssi.tolist() == list(cols[2])
+        assert b.reads.ant.tolist() == list(cols[3]) and b.reads.flags.tolist() == list(cols[4])
         assert b.bad_tag == b.bad_value == b.skewed == 0
 
     @given(st.integers(0, 2**32 - 1), reads_strategy)
@@ -65,8 +65,8 @@ class TestRoundTrip:
         ts = [NOW - 10_000_000 + d for d in cols[1]]
         payload = encode_json(3, seq, NOW, cols[0], ts, cols[2], cols[3], cols[4], station="S1")
         b = decode(payload, "S1", NOW)
-        assert b.tag.tolist() == list(cols[0]) and b.ts_ms.tolist() == ts
-        assert b.rssi.tolist() == list(cols[2]) and b.flags.tolist() == list(cols[4])
+        assert b.reads.tag.tolist() == list(cols[0]) and b.reads.ts_ms.tolist() == ts
+        assert b.reads.rssi.tolist() == list(cols[2]) and b.reads.flags.tolist() == list(cols[4])
 
 
 class TestNeverRaises:
@@ -157,21 +157,21 @@ class TestRejections:
                  {"tag": "ab"}, {"tag": "ab", "ts_ms": NOW, "rssi": 5}, 7,
                  {"tag": "AB", "ts_ms": NOW, "ant": 255, "flags": 65535, "rssi": -128}]
         b = decode(_json(reads=reads), "S1", NOW)
-        assert b.tag.tolist() == [0xA1B2C3, 0xAB]
+        assert b.reads.tag.tolist() == [0xA1B2C3, 0xAB]
         assert (b.bad_tag, b.bad_value) == (2, 4)
 
     def test_binary_positive_rssi_is_a_bad_read(self) -> None:
         b = decode(encode_binary(1, 1, NOW, [1, 2], [0, 0], [-40, 5]), "S1", NOW)
-        assert b.tag.tolist() == [1] and b.bad_value == 1
+        assert b.reads.tag.tolist() == [1] and b.bad_value == 1
 
     def test_clock_skewed_reads_take_the_receive_time(self) -> None:
         ahead = NOW + 5 * 60_000 + 1
         b = decode(encode_binary(1, 1, NOW, [1, 2], [0, ahead - NOW]), "S1", NOW)
-        assert b.ts_ms.tolist() == [NOW, NOW] and b.skewed == 1
+        assert b.reads.ts_ms.tolist() == [NOW, NOW] and b.skewed == 1
         assert decode(encode_binary(1, 1, NOW, [1], [5 * 60_000]), "S1", NOW).skewed == 0
 
 
 def test_decoded_columns_have_the_documented_types() -> None:
-    b = decode(encode_binary(1, 1, NOW, [1], [0]), "S1", NOW)
-    assert (b.tag.dtype, b.ts_ms.dtype, b.rssi.dtype, b.ant.dtype, b.flags.dtype) == (
+    r = decode(encode_binary(1, 1, NOW, [1], [0]), "S1", NOW).reads
+    assert (r.tag.dtype, r.ts_ms.dtype, r.rssi.dtype, r.ant.dtype, r.flags.dtype) == (
         np.uint64, np.int64, np.int8, np.uint8, np.uint16)

@@ -111,5 +111,5 @@ def test_every_malformed_kind_is_rejected_for_its_reason(kind: str, reason: str,
         assert rej.value.reason == reason
     else:
         batch = decode(payload, "SP-0001", START)
-        assert len(batch.tag) == 0 and (batch.bad_tag if reason == "bad_tag" else
+        assert len(batch) == 0 and (batch.bad_tag if reason == "bad_tag" else
                                          batch.bad_value) == 1
