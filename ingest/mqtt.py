@@ -8,12 +8,13 @@ already acknowledged. `bikewatch bench` measures both subscribers.
 The network callback does one thing: append the message to the inbox once the
 inbox has room for it (waking the event loop, if no wake-up is on its way).
 The room is the in-flight bound (DESIGN.md decision 5), in messages and in
-bytes: with MQTT 5 the broker itself keeps (about) to our Receive Maximum of
-unacknowledged messages, and the count, twice as large, does not block there;
-with MQTT 3.1.1 (amqtt), or a flood of large payloads, a full inbox blocks the
-network thread, which stops reading the socket, and TCP pushes back on the
-broker. Either way far fewer than 65,535 QoS 1 messages are unacknowledged
-(receive_maximum is at most 30,000: Settings.validate), and memory is bounded.
+bytes. With MQTT 5 we ask the broker for a Receive Maximum, and the inbox
+counts to twice that; Mosquitto 2.0.11 keeps to it only until acknowledgements
+flow (see Inbox), so at full load the network thread does wait for room. With
+MQTT 3.1.1 (amqtt), or a flood of large payloads, it waits likewise. While it
+waits it stops reading the socket, and TCP pushes back on the broker. Either
+way far fewer than 65,535 QoS 1 messages are unacknowledged (receive_maximum
+is at most 30,000: Settings.validate), and memory is bounded.
 
 Sessions are persistent (clean_start False, a long session expiry), so a
 worker that dies with messages unacknowledged gets them again, or another
