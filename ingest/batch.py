@@ -51,15 +51,16 @@ NO_READS = Reads(np.empty(0, np.uint64), np.empty(0, np.int64), np.empty(0, np.i
                  np.empty(0, np.uint8), np.empty(0, np.uint16))
 
 
-def gather(spans: Sequence[tuple[Reads, int, int]]) -> Reads:
-    """The reads of (columns, start, stop) spans, in order, as one set of columns.
+def gather(batches: Sequence[ReadBatch]) -> Reads:
+    """The reads of `batches`, in order, as one set of columns.
 
     Batches decoded together are adjacent spans of the same columns: a group with
     no batch dropped between them is one run, returned without a copy. Slicing
     every batch out of the group's arrays and concatenating them again cost
     several microseconds a batch, a share of the whole hot path at full load."""
     runs: list[tuple[Reads, int, int]] = []
-    for cols, start, stop in spans:
+    for b in batches:
+        cols, start, stop = b.columns, b.start, b.stop
         if runs and runs[-1][0] is cols and runs[-1][2] == start:
             runs[-1] = (cols, runs[-1][1], stop)
         else:

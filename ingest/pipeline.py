@@ -264,7 +264,7 @@ class Pipeline:
     async def _reads(self, conn: AsyncConnection, batches: list[tuple[ReadBatch, int, bytes]],
                      result: GroupResult) -> None:
         lengths = np.array([len(b) for b, _, _ in batches], dtype=np.int64)
-        reads = gather([(b.columns, b.start, b.stop) for b, _, _ in batches])
+        reads = gather([b for b, _, _ in batches])
         tag, ts, rssi, flags = reads.tag, reads.ts_ms, reads.rssi, reads.flags
         station = np.repeat(np.array([self.tracker.station_index(b.station)
                                       for b, _, _ in batches], dtype=np.int32), lengths)

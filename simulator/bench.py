@@ -161,15 +161,16 @@ def publish_main(argv: list[str]) -> None:
         station = i % STATIONS
         seq = i // STATIONS  # each station numbers its own batches: no gaps (registry.gaps)
         epoch = (seq // VISIT_BATCHES) % EPOCHS
-        block = (stolen_blocks if every and i % every == 0 else blocks)[
-            epoch * STATIONS + station]
-        if every and i % every == 0 and a.stolen_tags > 1:
+        if every and i % every == 0:
             # One stolen bike after another, each at a station now and then, as in a
             # town; one bike at every station in turn had a trajectory growing by 20
             # visits a second, and every alert reading and sending all of it.
             tag = STOLEN_TAG + (i // every) % a.stolen_tags
+            block = stolen_blocks[epoch * STATIONS + station]
             block = (TAG.pack(tag) + block[TAG.size:] if a.format == "binary"
                      else block.replace(stolen_text, format_tag(tag).encode(), 1))
+        else:
+            block = blocks[epoch * STATIONS + station]
         now = wall_ms()
         if a.format == "binary":
             return topics[station], HEADER.pack(b"BW", 1, 0, boot, seq, now,
