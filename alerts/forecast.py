@@ -1,8 +1,8 @@
 """Where a stolen bike goes next: `next_stations`, most likely first.
 
 Learned from the stored history: every bike's consecutive station visits
-(less than `MAX_GAP_MS` apart) are transitions, counted in one pass of array
-operations into first-order (station -> next) and second-order
+(less than `MAX_GAP_MS` apart) are transitions, counted by the database in one
+query (`TRANSITIONS`) into first-order (station -> next) and second-order
 ((previous, station) -> next) tables. A forecast ranks the next stations by
 the second-order counts where the pair has been seen `MIN_SUPPORT` times or
 more (the way the bike came in tells where it goes out), else by the
@@ -14,24 +14,21 @@ the worker builds a new one every `REFRESH_S` and swaps it in.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.geo import distance_km_array
 from registry.db import reading
-from registry.models import Visit
 from registry.stations import StationInfo, coordinates
 
 MAX_GAP_MS = 30 * 60_000   # visits further apart are two trips, not a transition
 MIN_SUPPORT = 3            # transitions seen fewer times than this are too thin to rank by
 HISTORY_DAYS = 30
-HISTORY_ROWS = 2_000_000   # newest visits read to learn from: bounded memory and time
-HISTORY_CHUNK = 50_000     # rows fetched and converted at a time (learn_from_history)
+HISTORY_ROWS = 2_000_000   # newest stored visits learned from: bounded time
 REFRESH_S = 600.0
 CONE_DEG = 60.0
 TOP = 3
@@ -47,23 +44,24 @@ class Forecast:
     lon: np.ndarray
 
     @classmethod
-    def learn(cls, tag: np.ndarray, station: np.ndarray, first_ms: np.ndarray,
-              last_ms: np.ndarray, names: tuple[str, ...],
-              directory: Mapping[str, StationInfo]) -> Forecast:
-        """From visits as arrays (station: index into `names`), in any order."""
+    def from_transitions(cls, rows: Iterable[tuple[str | None, str, str, int]],
+                         directory: Mapping[str, StationInfo]) -> Forecast:
+        """From transition counts: (previous or None, station, next, times seen), where
+        a row with a previous counts toward both orders (see `TRANSITIONS`)."""
+        rows = list(rows)
+        names = tuple(sorted(set(directory).union(*((a, b) for _, a, b, _ in rows))))
+        index = {name: i for i, name in enumerate(names)}
         n = len(names)
-        order = np.lexsort((first_ms, tag))
-        t, s, f, last = tag[order], station[order].astype(np.int64), first_ms[order], \
-            last_ms[order]
-        step = (t[1:] == t[:-1]) & (s[1:] != s[:-1]) & (f[1:] - last[:-1] <= MAX_GAP_MS)
-        a, b = s[:-1][step], s[1:][step]
-        first = _ranked(a, b)
-        both = step[:-1] & step[1:]  # two transitions in a row: (previous, station) -> next
-        p, c, nx = s[:-2][both], s[1:-1][both], s[2:][both]
-        second_flat = _ranked(p * n + c, nx)
+        p = np.array([-1 if r[0] is None else index[r[0]] for r in rows], np.int64)
+        a = np.array([index[r[1]] for r in rows], np.int64)
+        b = np.array([index[r[2]] for r in rows], np.int64)
+        seen = np.array([r[3] for r in rows], np.int64)
+        first = _ranked(a, b, seen, n)
+        both = p >= 0
+        second_flat = _ranked(p[both] * n + a[both], b[both], seen[both], n)
         second = {(k // n, k % n): v for k, v in second_flat.items()}
         lat, lon = coordinates(names, directory)
-        return cls(names, {name: i for i, name in enumerate(names)}, first, second, lat, lon)
+        return cls(names, index, first, second, lat, lon)
 
     def next_stations(self, previous: str | None, current: str, k: int = TOP) -> list[str]:
         cur = self.index.get(current)
@@ -106,12 +104,14 @@ class Forecast:
         return [int(i) for i in candidates[np.argsort(km[candidates], kind="stable")][:TOP]]
 
 
-def _ranked(src: np.ndarray, dst: np.ndarray) -> dict[int, list[int]]:
-    """For each source, its destinations seen `MIN_SUPPORT` times or more, most first."""
+def _ranked(src: np.ndarray, dst: np.ndarray, seen: np.ndarray, n_dst: int,
+            ) -> dict[int, list[int]]:
+    """For each source, its destinations seen `MIN_SUPPORT` times or more, most first
+    (then by index: the order of the names)."""
     if not len(src):
         return {}
-    n_dst = int(dst.max()) + 1
-    pairs, counts = np.unique(src * n_dst + dst, return_counts=True)
+    pairs, inverse = np.unique(src * n_dst + dst, return_inverse=True)
+    counts = np.bincount(inverse.ravel(), weights=seen).astype(np.int64)
     keep = counts >= MIN_SUPPORT
     pairs, counts = pairs[keep], counts[keep]
     s, d = pairs // n_dst, pairs % n_dst
@@ -127,35 +127,35 @@ def _ranked(src: np.ndarray, dst: np.ndarray) -> dict[int, list[int]]:
 EMPTY = Forecast((), {}, {}, {}, np.empty(0), np.empty(0))
 
 
-async def learn_from_history(engine: AsyncEngine, directory: Mapping[str, StationInfo],
-                             now_ms: int, chunk: int = HISTORY_CHUNK) -> Forecast:
-    """The model from the newest stored visits of every bike.
+# Every bike's consecutive visits, counted by the database: (previous, station, next)
+# where the visit before `station` was a transition too, else (NULL, station, next).
+# Two million visits turned into Python rows and numpy arrays every REFRESH_S held
+# the interpreter's lock for most of 25 s and peaked at 290 MB more; here they stay
+# in the database, which sorts them in bounded memory without that lock, and a few
+# thousand counts come back. The newest stored visits are the newest ids, a range
+# of the primary key: newest by first_ms cost SQLite a sort of its own, 13 s of 25.
+# The window orders ties fully, so that any two databases count the same.
+TRANSITIONS = text("""
+WITH recent AS (
+  SELECT tag, station, first_ms, last_ms FROM visits
+  WHERE id > (SELECT max(id) FROM visits) - :most AND first_ms >= :since),
+steps AS (
+  SELECT station AS b, first_ms,
+         LAG(station, 1) OVER w AS a, LAG(first_ms, 1) OVER w AS a_first,
+         LAG(last_ms, 1) OVER w AS a_last,
+         LAG(station, 2) OVER w AS p, LAG(last_ms, 2) OVER w AS p_last
+  FROM recent WINDOW w AS (PARTITION BY tag ORDER BY first_ms, last_ms, station))
+SELECT CASE WHEN p <> a AND a_first - p_last <= :gap THEN p END AS p, a, b, COUNT(*) AS n
+FROM steps WHERE a <> b AND first_ms - a_last <= :gap
+GROUP BY 1, 2, 3""")
 
-    The rows come `chunk` at a time and each chunk becomes arrays before the next is
-    fetched, so the event loop, the hot path on it, gets its turns in between: at full
-    load the window holds all HISTORY_ROWS, and two million rows turned into lists, then
-    arrays, in one go held the loop for seconds, every REFRESH_S."""
-    index = {name: i for i, name in enumerate(directory)}
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+async def learn_from_history(engine: AsyncEngine, directory: Mapping[str, StationInfo],
+                             now_ms: int) -> Forecast:
+    """The model from the newest stored visits: the last HISTORY_ROWS stored, of those
+    that began in the last HISTORY_DAYS."""
     async with reading(engine).connect() as conn:
-        result = await conn.stream(
-            select(Visit.tag, Visit.station, Visit.first_ms, Visit.last_ms)
-            .where(Visit.first_ms >= now_ms - HISTORY_DAYS * 86_400_000)
-            .order_by(Visit.first_ms.desc()).limit(HISTORY_ROWS))
-        async for rows in result.partitions(chunk):
-            tag, station, first, last = zip(*rows, strict=True)
-            parts.append((np.array(tag, np.int64),
-                          np.array([index.setdefault(s, len(index)) for s in station], np.int64),
-                          np.array(first, np.int64), np.array(last, np.int64)))
-    columns = [np.concatenate(c) for c in zip(*parts, strict=True)] if parts else [
-        np.empty(0, np.int64)] * 4
-    # Station indices in sorted order of the names, as np.unique gave them; np.unique
-    # itself, on two million ids, held the interpreter's lock for 6.7 to 8.3 s, even in
-    # a thread: a sort of Python objects is one C call that never lets go of it.
-    names = sorted(index)
-    rank = np.empty(len(index), np.int64)
-    rank[[index[n] for n in names]] = np.arange(len(names))
-    # In a thread: numpy sorts two million rows without the interpreter's lock, and the
-    # event loop goes on meanwhile.
-    return await asyncio.to_thread(Forecast.learn, columns[0], rank[columns[1]], columns[2],
-                                   columns[3], tuple(names), directory)
+        rows = (await conn.execute(TRANSITIONS, {
+            "since": now_ms - HISTORY_DAYS * 86_400_000, "most": HISTORY_ROWS,
+            "gap": MAX_GAP_MS})).all()
+    return Forecast.from_transitions(((r.p, r.a, r.b, r.n) for r in rows), directory)

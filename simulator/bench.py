@@ -439,7 +439,7 @@ async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.
     bench_matching(args.quick, report)
     bench_decode(report)
     bench_health(args.quick, report)
-    bench_forecast(args.quick, report)
+    await bench_forecast(args.quick, report)
     vehicles = args.registry_vehicles
     if vehicles is None:
         vehicles = 20_000 if args.quick else 1_000_000

@@ -7,14 +7,20 @@ forecast learns from; on the rest, for every (previous, current, next)
 station of a ride, the figure is how often the station reached next is the
 first of `next_stations`, or among the first three. Beside it, in the same
 run, the two baselines: the nearest stations, and the nearest stations ahead
-of the bike (the forecast's own fallback, with no history).
+of the bike (the forecast's own fallback, with no history). The history goes
+through a SQLite database and the worker's own learning (`learn_from_history`).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import tempfile
 
-from alerts.forecast import Forecast
+import numpy as np
+from sqlalchemy import insert
+
+from alerts.forecast import Forecast, learn_from_history
+from registry.db import open_database
+from registry.models import Visit
 from registry.stations import StationInfo
 from simulator.report import Report
 from simulator.roads import Grid
@@ -41,7 +47,7 @@ def _ride(grid: Grid, a: int, b: int, rows_first: bool, rng: np.random.Generator
     return path
 
 
-def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
+async def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
     """top-1 and top-3 hit rates of the forecast and the two baselines."""
     grid = Grid(8, 8, block_m=400.0)  # a station at every crossing
     rng = np.random.default_rng(seed)
@@ -65,10 +71,8 @@ def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
             else:
                 test.append(path)
             t += 8 * 3_600_000  # the next trip is hours later
-    tag, station, first, last = (np.array(c, np.int64) for c in zip(*train, strict=True))
-    learned = Forecast.learn(tag, station, first, last, names, directory)
-    empty = np.empty(0, np.int64)
-    geometry = Forecast.learn(empty, empty, empty, empty, names, directory)
+    learned = await _learn(train, names, directory, now_ms=max(v[2] for v in train) + 1)
+    geometry = Forecast.from_transitions([], directory)
     hits = {"forecast": [0, 0], "nearest ahead": [0, 0], "nearest": [0, 0]}
     total = 0
     for path in test:
@@ -84,12 +88,26 @@ def evaluate(bikes: int, seed: int = 11) -> dict[str, tuple[float, float]]:
     return {name: (h1 / total, h3 / total) for name, (h1, h3) in hits.items()}
 
 
-def bench_forecast(quick: bool, report: Report) -> None:
+async def _learn(train: list[tuple[int, int, int, int]], names: tuple[str, ...],
+                 directory: dict[str, StationInfo], now_ms: int) -> Forecast:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = await open_database(f"sqlite+aiosqlite:///{tmp}/forecast.db")
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(insert(Visit), [
+                    {"tag": bike, "station": names[node], "first_ms": first, "last_ms": last,
+                     "reads": 1, "best_rssi": None} for bike, node, first, last in train])
+            return await learn_from_history(engine, directory, now_ms)
+        finally:
+            await engine.dispose()
+
+
+async def bench_forecast(quick: bool, report: Report) -> None:
     bikes = 300 if quick else 3_000
     print(f"\n== next_stations on a simulated town: {bikes:,} commuters, 8x8 crossings, "
           f"{DETOUR:.0%} detours; learned on {TRAIN_SHARE:.0%} of the trips ==")
     print(f"{'ranking':>14} {'top-1':>7} {'top-3':>7}")
-    scores = evaluate(bikes)
+    scores = await evaluate(bikes)
     for name, (top1, top3) in scores.items():
         print(f"{name:>14} {top1:>7.1%} {top3:>7.1%}")
     for k, rank in (("top-1", 0), ("top-3", 1)):
