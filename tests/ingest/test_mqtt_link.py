@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.broker import BrokerHandle, free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.config import Settings
-from ingest.mqtt import Inbox, MqttLink
+from ingest.mqtt import Inbox, MqttLink, ReadAhead
 from ingest.pipeline import Inbound
 from simulator.publisher import StationPublisher
 from tests.conftest import tool
@@ -149,4 +152,54 @@ async def test_alerts_leave_while_the_reads_connection_is_held_back(
         await asyncio.wait_for(link.publish(f"{settings.mqtt_root}/alerts/z", b"{}"), 5)
     finally:
         link.inbox.closed = True
+        link.stop()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=20),
+       st.lists(st.integers(1, 5000), min_size=1, max_size=50))
+def test_read_ahead_gives_back_the_stream_as_sent_however_it_is_asked_for(
+        writes: list[bytes], sizes: list[int]) -> None:
+    """Whatever the sender's writes and the reader's sizes, the bytes come out in order,
+    none more than asked for, `pending` says what is held, and EOF reads as b""."""
+    a, b = socket.socketpair()
+    try:
+        sent = b"".join(writes)
+        for w in writes:
+            a.sendall(w)
+        a.close()
+        ahead = ReadAhead(b)
+        got = bytearray()
+        i = 0
+        while True:
+            size = sizes[i % len(sizes)]
+            i += 1
+            held = ahead.pending()
+            chunk = ahead.recv(size)
+            assert len(chunk) <= size
+            assert len(chunk) >= min(size, held)  # what is held is served first
+            if not chunk:
+                break
+            got += chunk
+        assert bytes(got) == sent
+        assert ahead.pending() == 0
+    finally:
+        b.close()
+
+
+async def test_the_reads_connection_reads_ahead_and_every_payload_arrives_whole(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Payloads of many sizes, sent back to back, arrive whole and in order over the
+    read-ahead socket (a paho upgrade that stopped calling our socket would fail here)."""
+    settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    link = await _linked(settings)
+    try:
+        assert isinstance(link.client.socket(), ReadAhead)
+        payloads = [bytes([i % 251]) * size
+                    for i, size in enumerate([1, 127, 128, 16_383, 16_384, 70_000, 3] * 12)]
+        await asyncio.to_thread(_publish, settings, payloads)
+        got = await _take(link, len(payloads))
+        assert [m.payload for m in got] == payloads
+        link.ack(got)
+    finally:
         link.stop()
