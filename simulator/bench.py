@@ -254,10 +254,15 @@ class _WebhookTimer:
         arrived = self.arrived
 
         class Handler(BaseHTTPRequestHandler):
+            # Keeps the connection open between requests, as a police system's web
+            # server would: with HTTP/1.0 each alert paid for a new TCP connection.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["content-length"]))
                 arrived.setdefault(self.headers["webhook-id"], wall_ms())
                 self.send_response(204)
+                self.send_header("content-length", "0")
                 self.end_headers()
 
             def log_message(self, *_: object) -> None:
