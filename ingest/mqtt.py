@@ -74,7 +74,7 @@ class ReadAhead:
     paho reads a packet in three calls or more: its first byte, its length a byte
     at a time, then the rest. Each was a system call, and each let go of the
     interpreter's lock and took it back, so at full load the event loop, which
-    shares that lock, waited for the network thread some 20,000 times a second.
+    shares that lock, waited for the network thread four times a message.
     Here one call fetches what the broker has sent, and paho's small reads are
     served from it. paho asks `pending()` before it waits in `select` (it does so
     for TLS sockets), so bytes held here are read at once, not left waiting."""
