@@ -14,7 +14,7 @@ the worker builds a new one every `REFRESH_S` and swaps it in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +44,10 @@ class Forecast:
     lon: np.ndarray
 
     @classmethod
-    def from_transitions(cls, rows: Iterable[tuple[str | None, str, str, int]],
+    def from_transitions(cls, rows: Sequence[tuple[str | None, str, str, int]],
                          directory: Mapping[str, StationInfo]) -> Forecast:
         """From transition counts: (previous or None, station, next, times seen), where
         a row with a previous counts toward both orders (see `TRANSITIONS`)."""
-        rows = list(rows)
         names = tuple(sorted(set(directory).union(*((a, b) for _, a, b, _ in rows))))
         index = {name: i for i, name in enumerate(names)}
         n = len(names)
@@ -158,4 +157,4 @@ async def learn_from_history(engine: AsyncEngine, directory: Mapping[str, Statio
         rows = (await conn.execute(TRANSITIONS, {
             "since": now_ms - HISTORY_DAYS * 86_400_000, "most": HISTORY_ROWS,
             "gap": MAX_GAP_MS})).all()
-    return Forecast.from_transitions(((r.p, r.a, r.b, r.n) for r in rows), directory)
+    return Forecast.from_transitions([(r.p, r.a, r.b, r.n) for r in rows], directory)

@@ -85,6 +85,8 @@ class ReadAhead:
         self._sock = sock
         self._buf = b""
         self._pos = 0
+        # TLS: bytes decrypted and not read yet (paho asks once a packet: look it up once)
+        self._inner_pending: Callable[[], int] | None = getattr(sock, "pending", None)
 
     def recv(self, size: int) -> bytes:
         if self._pos >= len(self._buf):
@@ -97,8 +99,8 @@ class ReadAhead:
         return out
 
     def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)  # TLS: decrypted, not yet read
-        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+        held = len(self._buf) - self._pos
+        return held if self._inner_pending is None else held + self._inner_pending()
 
     def send(self, buffer: bytes | bytearray) -> int:
         return self._sock.send(buffer)
