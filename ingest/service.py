@@ -48,7 +48,7 @@ from ingest.http import bind, build_app
 from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
-from ingest.visitlog import drain, materialize, newest_logged
+from ingest.visitlog import drain
 from registry.db import DB_ERRORS, open_database, reading
 from registry.gaps import WINDOW_MS as GAP_WINDOW_MS
 from registry.gaps import missing_batches
@@ -116,9 +116,8 @@ class Worker:
         # sleeps of up to 100 ms (its busy handler), past the moment it is free: a group
         # behind the materializer's transaction waited that long, and its alerts with
         # it. In one process the two take turns instead, first come first served
-        # (PostgreSQL locks rows, and lets them overlap). Smaller materializer
-        # transactions were measured no better: a visit's segments then span several,
-        # and the upserts, the costly part, multiply.
+        # (PostgreSQL locks rows, and lets them overlap). The materializer's
+        # transactions are kept short for it (ingest.visitlog.fold).
         self._turn: contextlib.AbstractAsyncContextManager[object] = (
             asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
         self.stop = asyncio.Event()
@@ -325,16 +324,7 @@ class Worker:
         self.pipeline.forecast = await learn_from_history(self.engine, directory, self.clock())
 
     async def _materialize(self) -> None:
-        # What was logged before this round, one bounded transaction after another; the
-        # hot path gets its turn in between. A round that went on until the log was
-        # empty chased the hot path: a group's row, a transaction, the next group's row,
-        # another; at 2,000 batches/s that held SQLite's write lock 12 s in 23, against
-        # 2.5 s in rounds of what was there (alternated runs).
-        upto = await newest_logged(self.engine)
-        while upto is not None:
-            async with self._turn:
-                if not await materialize(self.engine, upto=upto):
-                    return
+        await drain(self.engine, self._turn)
 
     async def _refresh(self) -> None:
         """Swap in a new snapshot when the registry version moved (DESIGN.md decision 2)."""
@@ -358,7 +348,7 @@ class Worker:
             self.pipeline.forecast = await learn_from_history(self.engine, directory,
                                                               self.clock())
         if opened:  # late reports: where was the bike seen since the theft?
-            await drain(self.engine)
+            await drain(self.engine, self._turn)
             alerts = await look_back(self.engine, opened, directory, self.clock(),
                                      int(self.settings.late_after_s * 1000),
                                      self.webhooks.routes, self.pipeline.forecast.next_stations)
