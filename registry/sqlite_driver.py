@@ -1,0 +1,115 @@
+"""aiosqlite as SQLAlchemy drives it, in one trip to the connection's thread a statement.
+
+aiosqlite runs each sqlite3 call in a thread of its own, and SQLAlchemy's
+adapter makes a call, and a trip there and back, for each step of a
+statement: make a cursor, execute, fetch the rows, close the cursor. Each
+trip back waits for the interpreter's lock, which paho's network thread holds
+much of the time under load, so a group transaction of the hot path (some 40
+trips with an alert) spent most of its time waiting to be woken.
+
+Here a statement is one function run in that thread: cursor, execute, fetch,
+close. Everything else (the pool, BEGIN, COMMIT, errors) is SQLAlchemy's
+aiosqlite dialect, unchanged; `registry.db.create_engine` passes `DBAPI` as
+the engine's module. It leans on two names that are not public:
+`aiosqlite.Connection._execute` (how aiosqlite's own cursor runs its calls)
+and the adapter's `_cursor_cls`; tests/registry/test_sqlite_driver.py fails
+if either stops being used.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+from typing import Any
+
+import aiosqlite
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+    AsyncAdapt_aiosqlite_dbapi,
+)
+from sqlalchemy.util import EMPTY_DICT
+
+
+def _run(conn: sqlite3.Connection, method: str, operation: Any, parameters: Any,
+         ) -> tuple[Any, list[Any], int, int | None]:
+    """A whole statement, in the connection's thread."""
+    cur = conn.cursor()
+    try:
+        if parameters is None:
+            getattr(cur, method)(operation)
+        else:
+            getattr(cur, method)(operation, parameters)
+        description = cur.description
+        return description, cur.fetchall() if description else [], cur.rowcount, cur.lastrowid
+    finally:
+        cur.close()
+
+
+class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
+    """Holds a statement's results, fetched in the same trip as its execution."""
+
+    __slots__ = ("_description", "_lastrowid", "_rowcount")
+
+    def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
+        # No driver cursor is made here (the base class makes one: a trip).
+        self._adapt_connection = adapt_connection
+        self._connection = adapt_connection._connection
+        self._soft_closed_memoized = EMPTY_DICT
+        self._rows = collections.deque()
+        self._description: Any = None
+        self._rowcount = -1
+        self._lastrowid: int | None = None
+
+    @property
+    def description(self) -> Any:
+        return self._description
+
+    @property
+    def rowcount(self) -> int:
+        return self._rowcount
+
+    @property
+    def lastrowid(self) -> int:
+        return self._lastrowid  # type: ignore[return-value]
+
+    @property
+    def arraysize(self) -> int:
+        return 1
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        pass  # the rows are all fetched at once
+
+    async def _async_soft_close(self) -> None:
+        return None  # nothing is open: the rows are here already
+
+    def close(self) -> None:
+        self._rows.clear()
+
+    async def _statement(self, method: str, operation: Any, parameters: Any) -> None:
+        conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        async with self._adapt_connection._execute_mutex:
+            description, rows, self._rowcount, self._lastrowid = await conn._execute(  # type: ignore[no-untyped-call]
+                _run, conn._conn, method, operation, parameters)
+        self._description = description
+        self._rows = collections.deque(rows)
+
+    async def _execute_async(self, operation: Any, parameters: Any) -> None:
+        await self._statement("execute", operation, parameters)
+
+    async def _executemany_async(self, operation: Any, seq_of_parameters: Any) -> None:
+        await self._statement("executemany", operation, seq_of_parameters)
+
+
+class _Connection(AsyncAdapt_aiosqlite_connection):
+    __slots__ = ()
+    _cursor_cls = OneTripCursor  # type: ignore[assignment]
+
+
+class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
+    def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
+        return _Connection(self, super().connect(*arg, **kw)._connection)
+
+
+DBAPI = _DBAPI(aiosqlite, sqlite3)
