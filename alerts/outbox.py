@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import RaisedAlert
-from registry.db import DB_ERRORS, reading
+from registry.db import DB_ERRORS, NO_TURN, reading
 from registry.models import Alert
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ PUBLISH_BATCH = 200  # well under the MQTT client's 1,000 publishes in flight
 class Outbox:
     def __init__(self, engine: AsyncEngine, root: str, publish: Publish,
                  clock: Callable[[], int], observe_latency: Callable[[float], None],
-                 sweep_s: float = 5.0,
+                 sweep_s: float = 5.0, turn: AbstractAsyncContextManager[object] = NO_TURN,
                  on_result: Callable[[str, str], None] = lambda _kind, _outcome: None) -> None:
         self.engine = engine
         self.root = root
@@ -37,6 +38,7 @@ class Outbox:
         self.clock = clock
         self.observe_latency = observe_latency
         self.sweep_s = sweep_s
+        self.turn = turn  # marks are written in the worker's turn (ingest.service)
         self.on_result = on_result  # (kind, delivered | failed)
         self._queue: asyncio.Queue[RaisedAlert] = asyncio.Queue(maxsize=10_000)
         self.on_published: Callable[[RaisedAlert], None] | None = None
@@ -120,7 +122,7 @@ class Outbox:
         """Mark what was published, many alerts a transaction."""
         while self._unmarked:
             marks = dict(self._unmarked)
-            async with self.engine.begin() as conn:
+            async with self.turn, self.engine.begin() as conn:
                 await conn.execute(update(Alert).where(Alert.alert_id == bindparam("aid"))
                                    .values(published_ms=bindparam("at")),
                                    [{"aid": a, "at": t} for a, t in marks.items()])

@@ -97,9 +97,18 @@ class Worker:
                                  self.metrics, clock, gap_ms=int(settings.visit_gap_s * 1000),
                                  late_after_ms=int(settings.late_after_s * 1000),
                                  impossible_kmh=settings.impossible_speed_kmh)
+        # SQLite has one write lock, and a writer that finds it taken polls for it in
+        # sleeps of up to 100 ms (its busy handler), past the moment it is free: a group
+        # behind the materializer's transaction waited that long, and its alerts with
+        # it. In one process the writers take turns instead, first come first served:
+        # groups, the materializer (its transactions kept short for it:
+        # ingest.visitlog.fold), and the marks of alerts published and posted, which
+        # come with every alert (PostgreSQL locks rows, and lets them overlap).
+        self._turn: contextlib.AbstractAsyncContextManager[object] = (
+            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
         self.webhooks = WebhookSender(
             engine, settings.webhooks, clock, timeout_s=settings.webhook_timeout_s,
-            max_age_ms=int(settings.webhook_max_age_s * 1000),
+            max_age_ms=int(settings.webhook_max_age_s * 1000), turn=self._turn,
             on_result=lambda name, kind, outcome: self.metrics.alert_deliveries.labels(
                 kind, f"webhook/{name}", outcome).inc())
         self.pipeline.webhooks = self.webhooks.routes
@@ -112,14 +121,6 @@ class Worker:
                 for outcome in ("delivered", "failed", "dead")[:2 if channel == "mqtt" else 3]:
                     self.metrics.alert_deliveries.labels(kind, channel, outcome)
         self._outbox: Outbox | None = None
-        # SQLite has one write lock, and a writer that finds it taken polls for it in
-        # sleeps of up to 100 ms (its busy handler), past the moment it is free: a group
-        # behind the materializer's transaction waited that long, and its alerts with
-        # it. In one process the two take turns instead, first come first served
-        # (PostgreSQL locks rows, and lets them overlap). The materializer's
-        # transactions are kept short for it (ingest.visitlog.fold).
-        self._turn: contextlib.AbstractAsyncContextManager[object] = (
-            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.on_alert: Callable[[RaisedAlert], None] | None = None
@@ -151,7 +152,7 @@ class Worker:
                 raise ConfigError("BIKEWATCH_MQTT_URL",
                                   f"cannot connect to {ep.host}:{ep.port} ({why})")
             outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
-                            self.metrics.alert_latency.observe,
+                            self.metrics.alert_latency.observe, turn=self._turn,
                             on_result=lambda kind, outcome: self.metrics.alert_deliveries.labels(
                                 kind, "mqtt", outcome).inc())
             outbox.on_published = self.on_alert
@@ -281,7 +282,7 @@ class Worker:
         transitions, rows = self.health.take_pending()
         if transitions or rows:
             try:
-                async with self.engine.begin() as conn:
+                async with self._turn, self.engine.begin() as conn:
                     await store(conn, transitions, rows)
             except BaseException:
                 self.health.put_back(transitions, rows)
@@ -361,7 +362,7 @@ class Worker:
 
     async def _maintain(self) -> None:
         now = self.clock()
-        async with self.engine.begin() as conn:
+        async with self._turn, self.engine.begin() as conn:
             await conn.execute(delete(SeenBatch).where(
                 SeenBatch.received_ms < now - int(self.settings.dedupe_hours * 3_600_000)))
             newest = (await conn.execute(select(func.max(RejectRecord.id)))).scalar()

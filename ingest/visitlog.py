@@ -17,7 +17,9 @@ steps, each a transaction of its own (`fold`):
 A merged row is an ordinary log row, so a crash anywhere applies each log row
 exactly once, and what a crash leaves after a merge is merged again or applied
 by the next round. Upserts add reads and take maxima, so log rows may be
-applied in any order, by any worker (PostgreSQL: FOR UPDATE SKIP LOCKED).
+applied in any order, by any worker: each step deletes the rows it takes
+before it writes, and finding one gone (another worker took it) it writes
+nothing.
 
 On SQLite every write transaction holds the database's one write lock, the hot
 path's included; the two steps keep each hold short (see `fold`).
@@ -29,7 +31,6 @@ late-read merge read them in the same transaction.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -41,14 +42,13 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ingest.visits import NO_RSSI, Segments
-from registry.db import reading
+from registry.db import NO_TURN, reading
 from registry.models import VisitLog
 from registry.sql import executemany
 
 log = logging.getLogger(__name__)
 
 CHUNK_VISITS = 500  # visits upserted a transaction: about 3 ms of SQLite's write lock
-NO_TURN: AbstractAsyncContextManager[object] = contextlib.nullcontext()  # see `fold`
 
 SEGMENT = np.dtype([("tag", "<i8"), ("station", "<i4"), ("first", "<i8"), ("last", "<i8"),
                     ("reads", "<i8"), ("rssi", "<i2")])

@@ -64,6 +64,10 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+# The turn a process's writers take on SQLite (ingest.service.Worker): none by default.
+NO_TURN: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
+
+
 def reading(engine: AsyncEngine) -> AsyncEngine:
     """`engine` (the same pool) for transactions that only read. On SQLite they begin
     deferred, so in WAL mode they never wait for a writer: a token checked for a
