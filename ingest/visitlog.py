@@ -107,9 +107,13 @@ def merge_segments(rows: np.ndarray) -> np.ndarray:
 
 async def upsert_segments(conn: AsyncConnection, rows: np.ndarray, names: list[str]) -> int:
     """Merge segments of the same visit, then upsert them; returns rows written."""
-    if not len(rows):
+    return await _upsert_merged(conn, merge_segments(rows), names)
+
+
+async def _upsert_merged(conn: AsyncConnection, m: np.ndarray, names: list[str]) -> int:
+    """Upsert segments merged already, one per visit; returns rows written."""
+    if not len(m):
         return 0
-    m = merge_segments(rows)
     await executemany(conn, UPSERT_VISIT, list(zip(
         m["tag"].tolist(), [names[s] for s in m["station"].tolist()], m["first"].tolist(),
         m["last"].tolist(), m["reads"].tolist(),
@@ -132,7 +136,7 @@ class Logged:
     """A log row, as `fold` holds it between its transactions."""
 
     log_id: int
-    rows: np.ndarray  # SEGMENT records
+    rows: np.ndarray  # SEGMENT records, one per visit (merged)
     names: list[str]  # the stations they index
 
 
@@ -163,11 +167,10 @@ async def merge_oldest(engine: AsyncEngine, most_segments: int = 20_000,
         if not logged:
             return []
         index: dict[str, int] = {}
-        segments = np.concatenate([_segments(row, index) for row in logged])
-        if len(logged) == 1 and total <= chunk_visits:
-            return [Logged(logged[0].id, segments, list(index))]
-        merged = merge_segments(segments)
+        merged = merge_segments(np.concatenate([_segments(row, index) for row in logged]))
         names = list(index)
+        if len(logged) == 1 and total <= chunk_visits:
+            return [Logged(logged[0].id, merged, names)]
         chunks = [merged[i:i + chunk_visits] for i in range(0, len(merged), chunk_visits)]
         async with turn, engine.begin() as conn:
             gone = await conn.execute(
@@ -190,7 +193,7 @@ async def apply_logged(engine: AsyncEngine, row: Logged) -> int:
         gone = await conn.execute(delete(VisitLog).where(VisitLog.id == row.log_id))
         if not gone.rowcount:
             return 0
-        return await upsert_segments(conn, row.rows, row.names)
+        return await _upsert_merged(conn, row.rows, row.names)
 
 
 async def fold(engine: AsyncEngine, upto: int, turn: AbstractAsyncContextManager[object] = NO_TURN,
