@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from alerts.geo import movement
@@ -32,6 +32,24 @@ KIND_IMPOSSIBLE = "impossible_travel"     # heard at two stations too far apart:
 KINDS = (KIND_STOLEN, KIND_TAMPER, KIND_IMPOSSIBLE)
 
 NextStations = Callable[[str | None, str], list[str]]
+
+# The statements of every alert, built once (registry.sql's note says why).
+_COUNT_CASE = (
+    update(TheftCase)
+    .where(TheftCase.case_id == bindparam("p_case"), TheftCase.status == "open",
+           live_case(bindparam("p_now", type_=TheftCase.expires_ms.type)))
+    .values(updates=TheftCase.updates + 1).returning(TheftCase.updates))
+_UNCOUNT_CASE = (update(TheftCase).where(TheftCase.case_id == bindparam("p_case"))
+                 .values(updates=TheftCase.updates - 1))
+_VISITS_SINCE = (
+    select(Visit.station, Visit.first_ms, Visit.last_ms)
+    .where(Visit.tag == bindparam("p_tag"), Visit.last_ms >= bindparam("p_since"),
+           Visit.first_ms <= bindparam("p_until"))
+    .order_by(Visit.first_ms, Visit.last_ms))
+_VEHICLE = (select(Vehicle.plate, Vehicle.brand, Vehicle.color, Owner.name, Owner.phone)
+            .outerjoin(Owner, Owner.id == Vehicle.owner_id)
+            .where(Vehicle.tag == bindparam("p_tag")))
+_QUEUE_DELIVERY = insert(Delivery)
 
 
 @dataclass(slots=True, frozen=True)
@@ -99,17 +117,11 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
     counted first and given back in the rare event that the alert's unique key shows
     it raised before (a repeated batch, another worker), all in this transaction."""
     station = stations.get(s.station) or StationInfo.unknown(s.station)
-    counted = (await conn.execute(
-        update(TheftCase).where(TheftCase.case_id == s.case_id, TheftCase.status == "open",
-                                live_case(now_ms))
-        .values(updates=TheftCase.updates + 1).returning(TheftCase.updates))).first()
+    counted = (await conn.execute(_COUNT_CASE, {"p_case": s.case_id, "p_now": now_ms})).first()
     if counted is None:  # closed or expired between the snapshot and now: no alert
         return None
-    visits = (await conn.execute(
-        select(Visit.station, Visit.first_ms, Visit.last_ms)
-        .where(Visit.tag == to_db(s.tag), Visit.last_ms >= s.stolen_ms,
-               Visit.first_ms <= s.visit_first_ms)
-        .order_by(Visit.first_ms, Visit.last_ms))).all()
+    visits = (await conn.execute(_VISITS_SINCE, {
+        "p_tag": to_db(s.tag), "p_since": s.stolen_ms, "p_until": s.visit_first_ms})).all()
     vehicle, owner = await vehicles.get(conn, s.tag)
     trajectory = _trajectory(visits, s, stations)
     prev = trajectory[-2] if len(trajectory) > 1 else None
@@ -128,16 +140,13 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
         "next_stations": forecast(prev["station"] if prev else None, s.station),
     }
     payload = orjson.dumps(doc)
-    inserted = await conn.execute(
-        insert_ignore(conn, Alert).values(
-            alert_id=alert_id, kind=KIND_STOLEN, case_id=s.case_id, tag=to_db(s.tag),
-            station=s.station, zone=station.zone, visit_first_ms=s.visit_first_ms,
-            update_no=counted.updates, raised_ms=now_ms, received_ms=s.received_ms,
-            payload=payload.decode())
-        .returning(Alert.alert_id))
+    inserted = await conn.execute(insert_ignore(conn, Alert, Alert.alert_id), {
+        "alert_id": alert_id, "kind": KIND_STOLEN, "case_id": s.case_id, "tag": to_db(s.tag),
+        "station": s.station, "zone": station.zone, "visit_first_ms": s.visit_first_ms,
+        "update_no": counted.updates, "raised_ms": now_ms, "received_ms": s.received_ms,
+        "payload": payload.decode()})
     if inserted.first() is None:  # raised before: the count goes back
-        await conn.execute(update(TheftCase).where(TheftCase.case_id == s.case_id)
-                           .values(updates=TheftCase.updates - 1))
+        await conn.execute(_UNCOUNT_CASE, {"p_case": s.case_id})
         return None
     await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
     return RaisedAlert(alert_id, station.zone, payload, s.received_ms)
@@ -147,7 +156,7 @@ async def _queue_deliveries(conn: AsyncConnection, alert_id: str, channels: Sequ
                             now_ms: int) -> None:
     """One delivery row per webhook, in the alert's transaction (alerts.webhook)."""
     if channels:
-        await conn.execute(insert(Delivery), [
+        await conn.execute(_QUEUE_DELIVERY, [
             {"alert_id": alert_id, "channel": name, "created_ms": now_ms, "next_ms": now_ms,
              "attempts": 0, "last_error": ""} for name in channels])
 
@@ -186,10 +195,7 @@ async def _vehicle(conn: AsyncConnection, tag: int,
                    ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
     """The alert's `vehicle`, and its `owner` masked (`registry.privacy`): a channel
     configured for full contact gets it filled in when it is sent."""
-    r = (await conn.execute(
-        select(Vehicle.plate, Vehicle.brand, Vehicle.color, Owner.name, Owner.phone)
-        .outerjoin(Owner, Owner.id == Vehicle.owner_id).where(Vehicle.tag == to_db(tag)))
-         ).first()
+    r = (await conn.execute(_VEHICLE, {"p_tag": to_db(tag)})).first()
     if r is None:
         return None, None
     owner = owner_masked(r.name, r.phone) if r.name or r.phone else None
@@ -223,12 +229,11 @@ async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str
         "station": station.as_alert(), "seen_ms": f.visit_first_ms, "raised_ms": now_ms,
         "late": now_ms - f.visit_first_ms > late_after_ms, "trajectory": trajectory,
         "speed_kmh": speed, "heading_deg": heading, "next_stations": []})
-    inserted = await conn.execute(
-        insert_ignore(conn, Alert).values(
-            alert_id=alert_id, kind=f.kind, case_id=f.case_id or "", tag=to_db(f.tag),
-            station=f.station, zone=station.zone, visit_first_ms=f.visit_first_ms,
-            update_no=0, raised_ms=now_ms, received_ms=f.received_ms,
-            payload=payload.decode()).returning(Alert.alert_id))
+    inserted = await conn.execute(insert_ignore(conn, Alert, Alert.alert_id), {
+        "alert_id": alert_id, "kind": f.kind, "case_id": f.case_id or "", "tag": to_db(f.tag),
+        "station": f.station, "zone": station.zone, "visit_first_ms": f.visit_first_ms,
+        "update_no": 0, "raised_ms": now_ms, "received_ms": f.received_ms,
+        "payload": payload.decode()})
     if inserted.first() is None:
         return None
     await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 PUBLISH_BATCH = 200  # well under the MQTT client's 1,000 publishes in flight
+# Built once, as every alert's statements are (registry.sql's note says why).
+_MARK = (update(Alert).where(Alert.alert_id == bindparam("aid"))
+         .values(published_ms=bindparam("at")))
 
 
 class Outbox:
@@ -123,9 +126,7 @@ class Outbox:
         while self._unmarked:
             marks = dict(self._unmarked)
             async with self.turn, self.engine.begin() as conn:
-                await conn.execute(update(Alert).where(Alert.alert_id == bindparam("aid"))
-                                   .values(published_ms=bindparam("at")),
-                                   [{"aid": a, "at": t} for a, t in marks.items()])
+                await conn.execute(_MARK, [{"aid": a, "at": t} for a, t in marks.items()])
             for a in marks:
                 self._unmarked.pop(a, None)
 

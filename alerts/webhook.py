@@ -46,6 +46,20 @@ RETRY_CAP_MS = 15 * 60_000
 POLL_S = 1.0      # a new alert wakes its loops at once (`notify`); this only bounds a miss
 BATCH = 50        # due rows read at a time, per webhook
 
+# Statements of every alert's delivery, built once (registry.sql's note says why).
+_DUE = (select(Delivery.id, Delivery.alert_id, Alert.kind, Delivery.attempts,
+               Delivery.created_ms, Alert.payload, Alert.tag)
+        .join(Alert, Alert.alert_id == Delivery.alert_id)
+        .where(Delivery.channel == bindparam("p_channel"), Delivery.delivered_ms.is_(None),
+               Delivery.dead_ms.is_(None), Delivery.next_ms <= bindparam("p_now"))
+        .order_by(Delivery.next_ms, Delivery.id).limit(BATCH))
+_DUE_WITH_CONTACT = (_DUE.add_columns(Owner.name, Owner.phone)
+                     .outerjoin(Vehicle, Vehicle.tag == Alert.tag)
+                     .outerjoin(Owner, Owner.id == Vehicle.owner_id))
+_RECORD = update(Delivery).where(Delivery.id == bindparam("rid")).values(
+    attempts=bindparam("attempts"), last_error=bindparam("error"),
+    delivered_ms=bindparam("delivered"), dead_ms=bindparam("dead"), next_ms=bindparam("next"))
+
 
 def sign(receiver: WebhookReceiver, msg_id: str, timestamp_s: int, body: str) -> str:
     """The `webhook-signature` header: one signature per active secret."""
@@ -159,18 +173,9 @@ class WebhookSender:
             posted.pop(row.id, None)
 
     async def _due(self, r: WebhookReceiver) -> list[_Due]:
-        q = (select(Delivery.id, Delivery.alert_id, Alert.kind, Delivery.attempts,
-                    Delivery.created_ms, Alert.payload, Alert.tag)
-             .join(Alert, Alert.alert_id == Delivery.alert_id)
-             .where(Delivery.channel == r.name, Delivery.delivered_ms.is_(None),
-                    Delivery.dead_ms.is_(None), Delivery.next_ms <= self.clock())
-             .order_by(Delivery.next_ms, Delivery.id).limit(BATCH))
-        if r.contact == "full":
-            q = (q.add_columns(Owner.name, Owner.phone)
-                 .outerjoin(Vehicle, Vehicle.tag == Alert.tag)
-                 .outerjoin(Owner, Owner.id == Vehicle.owner_id))
+        q = _DUE_WITH_CONTACT if r.contact == "full" else _DUE
         async with reading(self.engine).connect() as conn:
-            rows = (await conn.execute(q)).all()
+            rows = (await conn.execute(q, {"p_channel": r.name, "p_now": self.clock()})).all()
         out = []
         for row in rows:
             due = _Due(row.id, row.alert_id, row.kind, row.attempts, row.created_ms,
@@ -215,11 +220,7 @@ class WebhookSender:
             rows.append(values)
             results.append((row.kind, result))
         async with self.turn, self.engine.begin() as conn:
-            await conn.execute(
-                update(Delivery).where(Delivery.id == bindparam("rid")).values(
-                    attempts=bindparam("attempts"), last_error=bindparam("error"),
-                    delivered_ms=bindparam("delivered"), dead_ms=bindparam("dead"),
-                    next_ms=bindparam("next")), rows)
+            await conn.execute(_RECORD, rows)
             for row, _ in done:  # every attempt sent the owner whole: each is a read
                 if row.contact_of:
                     await audit(conn, Principal(f"webhook:{name}", "police"),

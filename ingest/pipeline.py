@@ -60,6 +60,9 @@ REJECT_PAYLOAD_MAX = 64 * 1024
 # Stations closer than this may both hear a bike between them: no impossible travel there.
 IMPOSSIBLE_MIN_KM = 0.5
 ROUTES_KEPT = 100_000  # topics remembered (Pipeline._route)
+# Every group's statements, built once (registry.sql's note says why).
+_LOG_SEGMENTS = insert(VisitLog)
+_KEEP_REJECTS = insert(RejectRecord)
 
 
 @dataclass(slots=True, frozen=True)
@@ -220,7 +223,7 @@ class Pipeline:
                 if batches:
                     await self._reads(conn, batches, result)
                 if decoded.rejects:
-                    await conn.execute(insert(RejectRecord), decoded.rejects)
+                    await conn.execute(_KEEP_REJECTS, decoded.rejects)
         except BaseException:
             self.tracker.restore(saved)
             raise
@@ -301,7 +304,7 @@ class Pipeline:
         direct = np.flatnonzero(normal & stolen)
         logged = np.flatnonzero(normal & ~stolen)
         if len(logged):
-            await conn.execute(insert(VisitLog).values(**pack(segment_rows(segs, logged), names)))
+            await conn.execute(_LOG_SEGMENTS, pack(segment_rows(segs, logged), names))
         if len(direct):
             await upsert_segments(conn, segment_rows(segs, direct), names)
         tags_db = segs.tag.view(np.int64)

@@ -110,6 +110,6 @@ async def load_stolen_set(conn: AsyncConnection, now_ms: int) -> StolenSet:
                            min(expiries, default=None))
 
 
-def live_case(now_ms: int) -> ColumnElement[bool]:
+def live_case(now_ms: int | ColumnElement[int]) -> ColumnElement[bool]:
     """A case that has not expired: it still raises alerts."""
     return or_(TheftCase.expires_ms.is_(None), TheftCase.expires_ms > now_ms)

@@ -1,7 +1,15 @@
-"""The few SQL forms that differ between SQLite and PostgreSQL."""
+"""The few SQL forms that differ between SQLite and PostgreSQL.
+
+Statements the hot path runs for every group or every alert are built once, at
+import, with `bindparam` for what changes: building a statement with its
+values in it (and SQLAlchemy's cache key of it) cost about 300 µs of the
+event loop's time each time, against about 130 µs for the whole execution of
+one built before (measured on SQLite).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,16 +17,19 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-def insert_ignore(conn: AsyncConnection, model: Any) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING, for the connection's dialect."""
-    return _insert(conn, model).on_conflict_do_nothing()
+def insert_ignore(conn: AsyncConnection, model: Any, *returning: Any) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING [RETURNING ...], for the connection's dialect;
+    its values are given as execute's parameters, or with `.values()` (a copy)."""
+    return _insert_ignore(conn.dialect.name, getattr(model, "__table__", model), returning)
 
 
-def _insert(conn: AsyncConnection, model: Any) -> Any:
-    table = getattr(model, "__table__", model)
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+@functools.cache
+def _insert_ignore(dialect: str, table: Any, returning: tuple[Any, ...]) -> Any:
+    # Built once: a statement is immutable, and building one costs more than the
+    # hot path's whole execution of it (see this module's note).
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table).on_conflict_do_nothing()
+    return stmt.returning(*returning) if returning else stmt
 
 
 def placeholders(conn: AsyncConnection, n: int) -> str:
