@@ -9,6 +9,7 @@
         materialize fold the visit log into `visits` (ingest.visitlog)
         health      station health: silence found, transitions stored, operators told
         maintain    dedupe keys past the window, reject store past 10,000, old open visits
+        checkpoint  SQLite's write-ahead log copied back, off the hot path (registry.db)
         forecast    relearn where bikes go next from the stored visits (alerts.forecast)
         http        uvicorn: /metrics, the API, the live alert stream (alerts.stream)
 
@@ -49,7 +50,7 @@ from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain
-from registry.db import DB_ERRORS, open_database, reading
+from registry.db import DB_ERRORS, Checkpointer, open_database, reading
 from registry.gaps import WINDOW_MS as GAP_WINDOW_MS
 from registry.gaps import missing_batches
 from registry.lease import HEALTH, Lease
@@ -75,6 +76,9 @@ MATERIALIZE_S = 2.0
 # bikewatch_station_up may be (plus ingest.health.GRACE_MS), and what a crash loses
 # of last-heard times.
 HEALTH_S = 1.0
+# How often the SQLite log is copied back (registry.db.Checkpointer): about 1,000 pages
+# a second at full load, the size at which a commit would otherwise have done it.
+CHECKPOINT_S = 1.0
 OUTBOX_GAUGES_S = 5.0
 HEALTH_EVENTS_IN_FLIGHT = 200  # well under the client's 1,000 in-flight publishes
 REJECTS_KEPT = 10_000
@@ -106,6 +110,7 @@ class Worker:
         # come with every alert (PostgreSQL locks rows, and lets them overlap).
         self._turn: contextlib.AbstractAsyncContextManager[object] = (
             asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
+        self.checkpointer = Checkpointer(engine)  # SQLite's log copied back off the hot path
         self.webhooks = WebhookSender(
             engine, settings.webhooks, clock, timeout_s=settings.webhook_timeout_s,
             max_age_ms=int(settings.webhook_max_age_s * 1000), turn=self._turn,
@@ -186,6 +191,8 @@ class Worker:
                                    name="materialize"),
                     tg.create_task(self._every(HEALTH_S, lambda: self._health(link)),
                                    name="health"),
+                    tg.create_task(self._every(CHECKPOINT_S, self.checkpointer.checkpoint),
+                                   name="checkpoint"),
                 ]
                 http = tg.create_task(server.serve(sockets=[sock]), name="http")
                 await self.stop.wait()
@@ -200,6 +207,7 @@ class Worker:
                 await asyncio.wait({lease}, timeout=10)
             link.stop()
             sock.close()
+            await self.checkpointer.close()
 
     def metrics_text(self) -> bytes:
         """`/metrics`: the registry's families and the stations'."""

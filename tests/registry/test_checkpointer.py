@@ -1,0 +1,77 @@
+"""SQLite's write-ahead log copied back by the worker's checkpointer, not by a commit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from registry.db import Checkpointer, open_database
+
+
+@pytest.fixture
+async def lite(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = await open_database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    yield engine
+    await engine.dispose()
+
+
+async def _autocheckpoint(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one())
+
+
+async def _write_pages(engine: AsyncEngine, rows: int) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE IF NOT EXISTS filler (b BLOB)"))
+        await conn.exec_driver_sql("INSERT INTO filler VALUES (zeroblob(4000))",
+                                   [() for _ in range(rows)])
+
+
+async def test_commits_leave_the_log_to_the_checkpointer(lite: AsyncEngine,
+                                                         tmp_path: Path) -> None:
+    assert await _autocheckpoint(lite) == 1000  # SQLite's default, as the CLI keeps it
+    checkpointer = Checkpointer(lite)
+    try:
+        assert checkpointer.path == str(tmp_path / "x.db")
+        assert await _autocheckpoint(lite) == 0  # every connection the worker checks out
+        await _write_pages(lite, 1500)  # past 1,000 pages: a commit would have copied them
+        db = tmp_path / "x.db"
+        assert db.stat().st_size < 1500 * 4000  # the rows are in the log only
+        busy, frames, copied = await checkpointer.checkpoint() or (1, 0, 0)
+        assert busy == 0 and frames > 1500 and copied == frames
+        assert db.stat().st_size > 1500 * 4000  # now in the database file
+        await _write_pages(lite, 10)
+        busy, frames, copied = await checkpointer.checkpoint() or (1, 0, 0)
+        assert busy == 0 and copied == frames
+    finally:
+        await checkpointer.close()
+
+
+async def test_no_file_no_checkpoints() -> None:
+    engine = await open_database("sqlite+aiosqlite:///:memory:")
+    try:
+        checkpointer = Checkpointer(engine)
+        assert checkpointer.path is None
+        assert await checkpointer.checkpoint() is None
+        assert await _autocheckpoint(engine) == 1000
+    finally:
+        await engine.dispose()
+
+
+async def test_a_failed_checkpoint_is_logged_and_the_next_one_tried(
+        lite: AsyncEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    checkpointer = Checkpointer(lite)
+    checkpointer.path = str(tmp_path / "gone" / "x.db")  # a file that cannot be opened
+    with caplog.at_level(logging.WARNING, logger="registry.db"):
+        assert await checkpointer.checkpoint() is None
+    assert "WAL checkpoint" in caplog.text and "gone" in caplog.text
+    checkpointer.path = str(tmp_path / "x.db")
+    await _write_pages(lite, 5)
+    result = await checkpointer.checkpoint()
+    assert result is not None and result[0] == 0 and result[2] == result[1] > 0
+    await checkpointer.close()
