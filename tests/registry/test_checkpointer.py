@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -75,3 +76,33 @@ async def test_a_failed_checkpoint_is_logged_and_the_next_one_tried(
     result = await checkpointer.checkpoint()
     assert result is not None and result[0] == 0 and result[2] == result[1] > 0
     await checkpointer.close()
+
+
+async def test_the_log_starts_again_while_writers_keep_writing(
+        lite: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers that take the worker's turn write all along; the log is copied back as
+    they do. Copied passively only, it never found a moment with all of it copied and
+    grew by all that was written; the pass inside the turn lets it start again."""
+    monkeypatch.setattr(Checkpointer, "RESTART_FRAMES", 200)
+    turn = asyncio.Lock()
+    checkpointer = Checkpointer(lite, turn)
+    await _write_pages(lite, 1)
+    done = asyncio.Event()
+
+    async def write() -> None:
+        for _ in range(150):  # 3,000 pages in all
+            async with turn:
+                await _write_pages(lite, 20)
+        done.set()
+
+    async def copy() -> None:
+        while not done.is_set():
+            await checkpointer.checkpoint()
+            await asyncio.sleep(0.005)
+
+    try:
+        await asyncio.gather(write(), copy())
+    finally:
+        await checkpointer.close()
+    wal = (tmp_path / "x.db-wal").stat().st_size // 4096
+    assert wal < 1000, f"the log grew to {wal} pages"
