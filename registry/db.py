@@ -72,6 +72,10 @@ def _checkpoints_elsewhere(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
     if not record.info.get("bikewatch_no_autocheckpoint"):
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA wal_autocheckpoint=0")
+        # A reader holding an old snapshot (the forecast's minutes-long query) keeps the
+        # log from starting again, and it grows meanwhile (251 MB in a soak); when it
+        # does start again, the file is cut back to this.
+        cur.execute(f"PRAGMA journal_size_limit={Checkpointer.KEEP_LOG_BYTES}")
         cur.close()
         record.info["bikewatch_no_autocheckpoint"] = True
 
@@ -97,6 +101,7 @@ class Checkpointer:
     Other processes (the CLI) keep SQLite's default."""
 
     RESTART_FRAMES = 4096  # 16 MiB of 4 KiB pages
+    KEEP_LOG_BYTES = 64 << 20  # the log file's size kept after it starts again
 
     def __init__(self, engine: AsyncEngine,
                  turn: contextlib.AbstractAsyncContextManager[object] | None = None) -> None:

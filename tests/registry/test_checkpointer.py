@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from registry.db import Checkpointer, open_database
+from registry.db import Checkpointer, open_database, reading
 
 
 @pytest.fixture
@@ -106,3 +106,21 @@ async def test_the_log_starts_again_while_writers_keep_writing(
         await checkpointer.close()
     wal = (tmp_path / "x.db-wal").stat().st_size // 4096
     assert wal < 1000, f"the log grew to {wal} pages"
+
+
+async def test_a_log_grown_behind_a_reader_is_cut_back_once_it_starts_again(
+        lite: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Checkpointer, "KEEP_LOG_BYTES", 200 * 4096)
+    checkpointer = Checkpointer(lite)
+    wal = tmp_path / "x.db-wal"
+    try:
+        async with reading(lite).connect() as reader:
+            await reader.exec_driver_sql("SELECT count(*) FROM stations")  # holds a snapshot
+            await _write_pages(lite, 1000)
+            await checkpointer.checkpoint()  # cannot copy past the reader's snapshot
+        assert wal.stat().st_size > 1000 * 4096
+        await checkpointer.checkpoint()  # the reader is gone: all copied
+        await _write_pages(lite, 1)  # starts the log again, and cuts the file back
+        assert wal.stat().st_size <= 200 * 4096
+    finally:
+        await checkpointer.close()
