@@ -68,6 +68,10 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+# The turn a process's writers take on SQLite (ingest.service.Worker): none by default.
+NO_TURN: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
+
+
 def _checkpoints_elsewhere(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
     if not record.info.get("bikewatch_no_autocheckpoint"):
         cur = dbapi_conn.cursor()
@@ -104,10 +108,10 @@ class Checkpointer:
     KEEP_LOG_BYTES = 64 << 20  # the log file's size kept after it starts again
 
     def __init__(self, engine: AsyncEngine,
-                 turn: contextlib.AbstractAsyncContextManager[object] | None = None) -> None:
+                 turn: contextlib.AbstractAsyncContextManager[object] = NO_TURN) -> None:
         db = engine.url.database
         self.path = db if engine.dialect.name == "sqlite" and db and db != ":memory:" else None
-        self.turn = turn or NO_TURN
+        self.turn = turn  # the worker's writers' (ingest.service)
         self._conn: aiosqlite.Connection | None = None
         if self.path is not None:
             event.listen(engine.sync_engine, "checkout", _checkpoints_elsewhere)
@@ -138,10 +142,6 @@ class Checkpointer:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-
-
-# The turn a process's writers take on SQLite (ingest.service.Worker): none by default.
-NO_TURN: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
 
 
 def reading(engine: AsyncEngine) -> AsyncEngine:
