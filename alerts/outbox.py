@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import RaisedAlert
-from registry.db import DB_ERRORS, NO_TURN, reading
+from registry.db import DB_ERRORS, reading, write_turn
 from registry.models import Alert
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ _MARK = (update(Alert).where(Alert.alert_id == bindparam("aid"))
 class Outbox:
     def __init__(self, engine: AsyncEngine, root: str, publish: Publish,
                  clock: Callable[[], int], observe_latency: Callable[[float], None],
-                 sweep_s: float = 5.0, turn: AbstractAsyncContextManager[object] = NO_TURN,
+                 sweep_s: float = 5.0,
                  on_result: Callable[[str, str], None] = lambda _kind, _outcome: None) -> None:
         self.engine = engine
         self.root = root
@@ -41,7 +40,7 @@ class Outbox:
         self.clock = clock
         self.observe_latency = observe_latency
         self.sweep_s = sweep_s
-        self.turn = turn  # marks are written in the worker's turn (ingest.service)
+        self.turn = write_turn(engine)  # marks come with every alert
         self.on_result = on_result  # (kind, delivered | failed)
         self._queue: asyncio.Queue[RaisedAlert] = asyncio.Queue(maxsize=10_000)
         self.on_published: Callable[[RaisedAlert], None] | None = None

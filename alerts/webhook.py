@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
 from ingest.config import WebhookReceiver
-from registry.db import DB_ERRORS, NO_TURN, reading
+from registry.db import DB_ERRORS, reading, write_turn
 from registry.models import Alert, Delivery, Owner, Vehicle
 from registry.privacy import audit
 from registry.tags import format_tag, from_db
@@ -95,14 +95,13 @@ class WebhookSender:
     def __init__(self, engine: AsyncEngine, receivers: Sequence[WebhookReceiver],
                  clock: Callable[[], int], *, timeout_s: float = 10.0,
                  max_age_ms: int = 72 * 3_600_000,
-                 turn: contextlib.AbstractAsyncContextManager[object] = NO_TURN,
                  on_result: Callable[[str, str, str], None] = lambda _n, _k, _o: None) -> None:
         self.engine = engine
         self.receivers = tuple(receivers)
         self.clock = clock
         self.timeout_s = timeout_s
         self.max_age_ms = max_age_ms
-        self.turn = turn  # results are written in the worker's turn (ingest.service)
+        self.turn = write_turn(engine)  # results come with every alert
         self.on_result = on_result      # (webhook, kind, delivered | failed | dead)
         self._wake = {r.name: asyncio.Event() for r in self.receivers}
         self._rng = random.Random()

@@ -50,7 +50,7 @@ from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
 from ingest.pipeline import Inbound, Pipeline
 from ingest.visitlog import drain
-from registry.db import DB_ERRORS, Checkpointer, open_database, reading
+from registry.db import DB_ERRORS, Checkpointer, open_database, reading, write_turn
 from registry.gaps import WINDOW_MS as GAP_WINDOW_MS
 from registry.gaps import missing_batches
 from registry.lease import HEALTH, Lease
@@ -101,19 +101,11 @@ class Worker:
                                  self.metrics, clock, gap_ms=int(settings.visit_gap_s * 1000),
                                  late_after_ms=int(settings.late_after_s * 1000),
                                  impossible_kmh=settings.impossible_speed_kmh)
-        # SQLite has one write lock, and a writer that finds it taken polls for it in
-        # sleeps of up to 100 ms (its busy handler), past the moment it is free: a group
-        # behind the materializer's transaction waited that long, and its alerts with
-        # it. In one process the writers take turns instead, first come first served:
-        # groups, the materializer (its transactions kept short for it:
-        # ingest.visitlog.fold), and the marks of alerts published and posted, which
-        # come with every alert (PostgreSQL locks rows, and lets them overlap).
-        self._turn: contextlib.AbstractAsyncContextManager[object] = (
-            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
-        self.checkpointer = Checkpointer(engine, self._turn)  # SQLite's log, off the hot path
+        self._turn = write_turn(engine)  # SQLite: one writer at a time (registry.db)
+        self.checkpointer = Checkpointer(engine)  # SQLite's log, off the hot path
         self.webhooks = WebhookSender(
             engine, settings.webhooks, clock, timeout_s=settings.webhook_timeout_s,
-            max_age_ms=int(settings.webhook_max_age_s * 1000), turn=self._turn,
+            max_age_ms=int(settings.webhook_max_age_s * 1000),
             on_result=lambda name, kind, outcome: self.metrics.alert_deliveries.labels(
                 kind, f"webhook/{name}", outcome).inc())
         self.pipeline.webhooks = self.webhooks.routes
@@ -157,7 +149,7 @@ class Worker:
                 raise ConfigError("BIKEWATCH_MQTT_URL",
                                   f"cannot connect to {ep.host}:{ep.port} ({why})")
             outbox = Outbox(self.engine, self.settings.mqtt_root, link.publish, self.clock,
-                            self.metrics.alert_latency.observe, turn=self._turn,
+                            self.metrics.alert_latency.observe,
                             on_result=lambda kind, outcome: self.metrics.alert_deliveries.labels(
                                 kind, "mqtt", outcome).inc())
             outbox.on_published = self.on_alert
@@ -333,7 +325,7 @@ class Worker:
         self.pipeline.forecast = await learn_from_history(self.engine, directory, self.clock())
 
     async def _materialize(self) -> None:
-        await drain(self.engine, self._turn)
+        await drain(self.engine)
 
     async def _refresh(self) -> None:
         """Swap in a new snapshot when the registry version moved (DESIGN.md decision 2)."""
@@ -357,7 +349,7 @@ class Worker:
             self.pipeline.forecast = await learn_from_history(self.engine, directory,
                                                               self.clock())
         if opened:  # late reports: where was the bike seen since the theft?
-            await drain(self.engine, self._turn)
+            await drain(self.engine)
             alerts = await look_back(self.engine, opened, directory, self.clock(),
                                      int(self.settings.late_after_s * 1000),
                                      self.webhooks.routes, self.pipeline.forecast.next_stations)

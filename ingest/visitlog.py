@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +42,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ingest.visits import NO_RSSI, Segments
-from registry.db import NO_TURN, reading
+from registry.db import reading, write_turn
 from registry.models import VisitLog
 from registry.sql import executemany
 
@@ -122,16 +121,16 @@ async def _upsert_merged(conn: AsyncConnection, m: np.ndarray, names: list[str])
     return len(m)
 
 
-def _merge_rows(logged: list[Any], chunk_visits: int,
+def _merge_rows(logged: list[Any], chunk_visits: int, packed: bool,
                 ) -> tuple[list[np.ndarray], list[str], list[dict[str, object]]]:
     """Log rows' segments merged, one per visit, in chunks of at most `chunk_visits`;
-    the station names they index; and the chunks packed as log rows."""
+    the station names they index; and, if `packed`, the chunks packed as log rows."""
     index: dict[str, int] = {}
     merged = merge_segments(np.concatenate([_segments(row, index) for row in logged]))
     names = list(index)
     chunks = [merged[i:i + chunk_visits]
               for i in range(0, len(merged), chunk_visits)] or [merged]
-    return chunks, names, [pack(c, names) for c in chunks]
+    return chunks, names, [pack(c, names) for c in chunks] if packed else []
 
 
 def _segments(row: Any, index: dict[str, int]) -> np.ndarray:
@@ -155,14 +154,13 @@ class Logged:
 
 async def merge_oldest(engine: AsyncEngine, most_segments: int = 20_000,
                        upto: int | None = None, chunk_visits: int = CHUNK_VISITS,
-                       turn: AbstractAsyncContextManager[object] = NO_TURN,
                        ) -> list[Logged]:
     """Replace the oldest log rows (to id `upto`, where given), up to `most_segments`
     segments, by rows of at most `chunk_visits` merged visits; returns the new rows,
     [] when there was nothing to merge.
 
     The log is read and merged outside any write transaction; only the swap (a
-    delete and a few blob inserts, a few ms) takes `turn` and SQLite's write lock.
+    delete and a few blob inserts, a few ms) takes `write_turn` and SQLite's write lock.
     A row merged already, or as good as (one row, few segments), is returned as is."""
     while True:
         async with reading(engine).connect() as conn:
@@ -182,10 +180,12 @@ async def merge_oldest(engine: AsyncEngine, most_segments: int = 20_000,
         # In a thread: a merge of 20,000 segments took up to 10 ms of the event loop,
         # which the hot path waited for; numpy lets go of the interpreter's lock for
         # nearly all of it, and the loop went on with gaps under 1 ms (measured).
-        chunks, names, packed = await asyncio.to_thread(_merge_rows, logged, chunk_visits)
-        if len(logged) == 1 and total <= chunk_visits:
+        lone = len(logged) == 1 and total <= chunk_visits  # kept as it is, merged
+        chunks, names, packed = await asyncio.to_thread(_merge_rows, logged, chunk_visits,
+                                                        not lone)
+        if lone:
             return [Logged(logged[0].id, chunks[0], names)]
-        async with turn, engine.begin() as conn:
+        async with write_turn(engine), engine.begin() as conn:
             gone = await conn.execute(
                 delete(VisitLog).where(VisitLog.id.in_([r.id for r in logged])))
             if gone.rowcount != len(logged):  # another worker took some: read again
@@ -209,8 +209,7 @@ async def apply_logged(engine: AsyncEngine, row: Logged) -> int:
         return await _upsert_merged(conn, row.rows, row.names)
 
 
-async def fold(engine: AsyncEngine, upto: int, turn: AbstractAsyncContextManager[object] = NO_TURN,
-               most_segments: int = 20_000) -> None:
+async def fold(engine: AsyncEngine, upto: int, most_segments: int = 20_000) -> None:
     """Fold what was logged to id `upto` into `visits`.
 
     Only that: a round that went on until the log was empty chased the hot path (a
@@ -218,14 +217,14 @@ async def fold(engine: AsyncEngine, upto: int, turn: AbstractAsyncContextManager
     that held SQLite's write lock 12 s in 23, against 2.5 s in rounds of what was
     there (alternated runs).
 
-    Each write transaction is taken inside `turn`: the worker's lock on SQLite, where
+    Each write transaction is taken inside `write_turn`: the process's lock on SQLite, where
     the hot path takes its turn between two of them. A hot-path transaction behind
     the materializer now waits for one swap or one apply (a few ms); when one
     transaction read, merged and applied, it waited for a whole round's upserts (p50
     35 ms at 3,500 batches/s, measured)."""
-    while merged := await merge_oldest(engine, most_segments, upto, turn=turn):
+    while merged := await merge_oldest(engine, most_segments, upto):
         for row in merged:
-            async with turn:
+            async with write_turn(engine):
                 await apply_logged(engine, row)
 
 
@@ -235,10 +234,9 @@ async def newest_logged(engine: AsyncEngine) -> int | None:
         return (await conn.execute(select(func.max(VisitLog.id)))).scalar()
 
 
-async def drain(engine: AsyncEngine,
-                turn: AbstractAsyncContextManager[object] = NO_TURN) -> None:
+async def drain(engine: AsyncEngine) -> None:
     """Fold what the log holds now (at start-up after a crash, at shutdown, and before
     looking back through the visits); what is logged meanwhile waits for the next round."""
     upto = await newest_logged(engine)
     if upto is not None:
-        await fold(engine, upto, turn)
+        await fold(engine, upto)

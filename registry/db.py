@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,27 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-# The turn a process's writers take on SQLite (ingest.service.Worker): none by default.
-NO_TURN: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
+_NO_TURN: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
+_TURNS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def write_turn(engine: AsyncEngine) -> contextlib.AbstractAsyncContextManager[object]:
+    """The turn this process's writers take on a SQLite database, first come first
+    served: the hot path's groups, the materializer, the marks of alerts published and
+    posted, station health, maintenance and the checkpointer's second pass.
+
+    SQLite has one write lock, and a writer that finds it taken polls for it in
+    sleeps of up to 100 ms (its busy handler), past the moment it is free: a group
+    behind the materializer's transaction waited that long, and its alerts with it.
+    One lock per database (its pool, which `reading` shares). PostgreSQL locks rows
+    and lets writers overlap: no turn."""
+    if engine.dialect.name != "sqlite":
+        return _NO_TURN
+    pool = engine.sync_engine.pool
+    turn = _TURNS.get(pool)
+    if turn is None:
+        turn = _TURNS[pool] = asyncio.Lock()
+    return turn
 
 
 def _checkpoints_elsewhere(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
@@ -98,7 +118,7 @@ class Checkpointer:
     - but the log only starts again from its beginning when a writer finds all
       of it copied, and at full load writers add to it while it is copied: it
       grew to 1.4 GB in a minute. So once it holds `RESTART_FRAMES`, a second
-      passive pass runs inside `turn`, where no writer of this process can add
+      passive pass runs inside `write_turn`, where no writer of this process can add
       to it; what the first pass left is little, and the next commit starts the
       log again.
 
@@ -107,13 +127,12 @@ class Checkpointer:
     RESTART_FRAMES = 4096  # 16 MiB of 4 KiB pages
     KEEP_LOG_BYTES = 64 << 20  # the log file's size kept after it starts again
 
-    def __init__(self, engine: AsyncEngine,
-                 turn: contextlib.AbstractAsyncContextManager[object] = NO_TURN) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         db = engine.url.database
         self.path = db if engine.dialect.name == "sqlite" and db and db != ":memory:" else None
-        self.turn = turn  # the worker's writers' (ingest.service)
+        self.turn = write_turn(engine)
         self._conn: aiosqlite.Connection | None = None
-        if self.path is not None:
+        if self.path is not None:  # at checkout: connections pooled before this too
             event.listen(engine.sync_engine, "checkout", _checkpoints_elsewhere)
 
     async def checkpoint(self) -> tuple[int, int, int] | None:

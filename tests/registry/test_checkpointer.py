@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from registry.db import Checkpointer, open_database, reading
+from registry.db import Checkpointer, open_database, reading, write_turn
 
 
 @pytest.fixture
@@ -84,8 +84,8 @@ async def test_the_log_starts_again_while_writers_keep_writing(
     they do. Copied passively only, it never found a moment with all of it copied and
     grew by all that was written; the pass inside the turn lets it start again."""
     monkeypatch.setattr(Checkpointer, "RESTART_FRAMES", 200)
-    turn = asyncio.Lock()
-    checkpointer = Checkpointer(lite, turn)
+    turn = write_turn(lite)
+    checkpointer = Checkpointer(lite)
     await _write_pages(lite, 1)
     done = asyncio.Event()
 
