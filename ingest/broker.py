@@ -27,11 +27,11 @@ DEMO_USER = "bikewatch"  # amqtt's logged-in mode wants a user name; any passwor
 
 
 @dataclass(slots=True)
-class BrokerHandle:
+class BrokerAddress:
+    """Where a broker of ours listens: all another process needs to use it."""
+
     kind: str
     port: int
-    process: subprocess.Popen[bytes]
-    workdir: tempfile.TemporaryDirectory[str]
 
     @property
     def url(self) -> str:
@@ -47,6 +47,18 @@ class BrokerHandle:
         if self.kind == "amqtt":
             env |= {"BIKEWATCH_SHARE_GROUP": "", "BIKEWATCH_MQTT_PROTOCOL": "3.1.1"}
         return env
+
+
+@dataclass(slots=True)
+class BrokerHandle(BrokerAddress):
+    """A broker started by `start_broker`; `stop` ends it."""
+
+    process: subprocess.Popen[bytes]
+    workdir: tempfile.TemporaryDirectory[str]
+
+    def address(self) -> BrokerAddress:
+        """This broker's address alone, which pickles (the process does not)."""
+        return BrokerAddress(self.kind, self.port)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -14,6 +14,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import multiprocessing
 import os
 import resource
 import struct
@@ -24,13 +25,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ingest.broker import BrokerHandle, free_port, start_broker
+from ingest.broker import BrokerAddress, free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.codec import HEADER, RECORD, decode, decode_many, encode_binary, encode_json
 from ingest.config import Settings
@@ -187,7 +189,7 @@ def publish_main(argv: list[str]) -> None:
     print(sent, flush=True)
 
 
-def _start_publisher(broker: BrokerHandle, root: str, seconds: float, fmt: str = "binary",
+def _start_publisher(broker: BrokerAddress, root: str, seconds: float, fmt: str = "binary",
                      rate: float = 0, stolen_every: int = 0,
                      stolen_tags: int = 1) -> subprocess.Popen[str]:
     return subprocess.Popen(
@@ -197,7 +199,7 @@ def _start_publisher(broker: BrokerHandle, root: str, seconds: float, fmt: str =
         stdout=subprocess.PIPE, text=True)
 
 
-def _bare_paho(broker: BrokerHandle, root: str, seconds: float) -> float:
+def _bare_paho(broker: BrokerAddress, root: str, seconds: float) -> float:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -227,7 +229,7 @@ def _bare_paho(broker: BrokerHandle, root: str, seconds: float) -> float:
     return count[0] / seconds
 
 
-async def _bare_aiomqtt(broker: BrokerHandle, root: str, seconds: float) -> float:
+async def _bare_aiomqtt(broker: BrokerAddress, root: str, seconds: float) -> float:
     import aiomqtt
 
     count = 0
@@ -277,13 +279,25 @@ class _WebhookTimer:
         self.server.server_close()
 
 
-async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: float = 0,
+@dataclass(slots=True)
+class WorkerRun:
+    """What one worker run measured."""
+
+    reads_per_s: float = 0.0
+    alert_ms: list[float] = field(default_factory=list)    # read received to MQTT PUBACK
+    webhook_ms: list[float] = field(default_factory=list)  # read received to webhook 2xx
+    rss_before: int = 0  # MB, the worker ready and no load yet
+    rss_end: int = 0
+    rss_samples: list[int] = field(default_factory=list)  # MB, every `sample_s` under load
+    pid: int = field(default_factory=os.getpid)  # the process the worker ran in
+
+
+async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: float = 0,
                       stolen_every: int = 0, db_url: str | None = None,
                       open_cases: int = 1, webhook: _WebhookTimer | None = None,
-                      sample_s: float = 0,
-                      ) -> tuple[float, list[float], tuple[int, int], list[float]]:
-    """reads/s, MQTT alert latencies (ms), RSS at start and end, webhook latencies (ms).
-    With `sample_s`, memory is also printed every `sample_s` seconds (see `_memory`)."""
+                      sample_s: float = 0) -> WorkerRun:
+    """One worker in this process, fed by the publisher process for `seconds`. With
+    `sample_s`, memory is also sampled and printed every `sample_s` seconds (`_memory`)."""
     from sqlalchemy import select
 
     from ingest.service import Worker, keep_large_buffers_apart
@@ -311,12 +325,12 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
             await report_theft(engine, t, f"BENCH-{i}", 0, wall_ms())
         keep_large_buffers_apart()  # as `bikewatch serve` does: the memory figure is its
         worker = Worker(settings, engine)
-        latencies: list[float] = []
-        worker.on_alert = lambda a: latencies.append(wall_ms() - a.received_ms)
+        run = WorkerRun()
+        worker.on_alert = lambda a: run.alert_ms.append(wall_ms() - a.received_ms)
         task = asyncio.create_task(worker.run())
         await worker.ready.wait()
         await asyncio.sleep(0.5)
-        rss0 = _rss_mb()
+        run.rss_before = _rss_mb()
 
         def reads() -> float:
             return worker.registry.get_sample_value("bikewatch_reads_total") or 0.0
@@ -328,23 +342,54 @@ async def _worker_run(broker: BrokerHandle, seconds: float, fmt: str, rate: floa
             print(f"  {0:>5.0f} s: {_memory(worker)}", flush=True)
             while (left := t0 + seconds - time.monotonic()) > 0:
                 await asyncio.sleep(min(sample_s, left))
+                run.rss_samples.append(_rss_mb())
                 print(f"  {time.monotonic() - t0:>5.0f} s: {_memory(worker)}", flush=True)
         else:
             await asyncio.sleep(seconds)
         r1, t1 = reads(), time.monotonic()
-        rss1 = _rss_mb()
+        run.rss_end = _rss_mb()
         await asyncio.to_thread(pub.wait)
         await asyncio.sleep(1.0 if webhook else 0)  # the last deliveries
-        hook_ms: list[float] = []
         if webhook is not None:
             async with engine.connect() as conn:
                 received = dict((await conn.execute(
                     select(Alert.alert_id, Alert.received_ms))).all())
-            hook_ms = [t - received[a] for a, t in webhook.arrived.items() if a in received]
+            run.webhook_ms = [t - received[a] for a, t in webhook.arrived.items()
+                              if a in received]
         worker.stop.set()
         await task
         await engine.dispose()
-        return (r1 - r0) / (t1 - t0), latencies, (rss0, rss1), hook_ms
+        run.reads_per_s = (r1 - r0) / (t1 - t0)
+        return run
+
+
+def _soak_process(broker: BrokerAddress, seconds: float, rate: float, db_url: str | None,
+                  sample_s: float, out: Any) -> None:
+    """The soak, in a process spawned for it: the RSS it reports is one worker's, not
+    that of a bench process that has run the other figures' brokers' clients, workers
+    and webhook servers first."""
+    out.send(asyncio.run(_worker_run(broker, seconds, "binary", rate=rate, db_url=db_url,
+                                     sample_s=sample_s)))
+
+
+async def run_soak(broker: BrokerAddress, seconds: float, rate: float, db_url: str | None,
+               sample_s: float = SOAK_SAMPLE_S) -> WorkerRun:
+    """`seconds` of one worker at `rate` batches/s, its memory every `sample_s`."""
+    ctx = multiprocessing.get_context("spawn")
+    theirs, ours = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_soak_process, args=(broker, seconds, rate, db_url, sample_s, ours),
+                        name="bikewatch-soak")
+    child.start()
+    ours.close()
+    try:
+        run: WorkerRun | None = await asyncio.to_thread(theirs.recv)
+    except EOFError:  # it ended without sending: its traceback is on stderr
+        run = None
+    await asyncio.to_thread(child.join)
+    if run is None:
+        raise RuntimeError(f"the soak process ended without its figures "
+                           f"(exit code {child.exitcode})")
+    return run
 
 
 def _sqlite_heap_mb() -> float | None:
@@ -395,7 +440,7 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
         report.add("end to end", "bare aiomqtt subscriber", aio, "msg/s", bare,
                    "a bare paho subscriber")
         for fmt in ("binary", "json"):
-            rate, _, _, _ = await _worker_run(broker, seconds, fmt, db_url=db_url)
+            rate = (await _worker_run(broker, seconds, fmt, db_url=db_url)).reads_per_s
             print(f"worker, {fmt:<6}:            {rate:>10,.0f} reads/s = "
                   f"{rate / READS_PER_BATCH:,.0f} batches/s ({rate / READS_PER_BATCH / bare:.2f} "
                   f"of the bare subscriber)")
@@ -406,14 +451,14 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
         half = top / 2
         timer = _WebhookTimer()
         try:
-            _, lat, _, hook = await _worker_run(broker, seconds, "binary", rate=half,
-                                                stolen_every=STATIONS + 1, db_url=db_url,
-                                                open_cases=OPEN_CASES, webhook=timer)
+            timed = await _worker_run(broker, seconds, "binary", rate=half,
+                                      stolen_every=STATIONS + 1, db_url=db_url,
+                                      open_cases=OPEN_CASES, webhook=timer)
         finally:
             timer.close()
         print(f"alert latency at half load ({half:,.0f} batches/s, {OPEN_CASES:,} open cases), "
               "read received to:")
-        for channel, ms in (("MQTT PUBACK", lat), ("webhook 2xx", hook)):
+        for channel, ms in (("MQTT PUBACK", timed.alert_ms), ("webhook 2xx", timed.webhook_ms)):
             if ms:
                 p50, p99 = np.percentile(ms, [50, 99])
                 print(f"  {channel}: {len(ms)} alerts, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
@@ -429,11 +474,16 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
             # run measures.
             print(f"soak of {soak:.0f} s at full load ({top:,.0f} batches/s), "
                   f"memory every {SOAK_SAMPLE_S:.0f} s:")
-            rate, _, (r0, r1), _ = await _worker_run(broker, soak, "binary", rate=top,
-                                                     db_url=db_url, sample_s=SOAK_SAMPLE_S)
-            print(f"soak {soak:.0f} s at full load: {rate:,.0f} reads/s, "
-                  f"RSS {r0} MB at start, {r1} MB at end (bench process, worker in it)")
-            report.add("memory", f"RSS after a {soak:.0f} s soak", r1, "MB", r0, "RSS at start")
+            soaked = await run_soak(broker.address(), soak, top, db_url)
+            first, *_ = soaked.rss_samples or [soaked.rss_end]
+            print(f"soak {soak:.0f} s at full load in a process of its own: "
+                  f"{soaked.reads_per_s:,.0f} reads/s; RSS {soaked.rss_before} MB before the "
+                  f"load, {first} MB after its first {SOAK_SAMPLE_S:.0f} s, "
+                  f"{min(soaked.rss_samples, default=first)} to "
+                  f"{max(soaked.rss_samples, default=first)} MB from then on, "
+                  f"{soaked.rss_end} MB at the end")
+            report.add("memory", f"RSS at the end of a {soak:.0f} s soak", soaked.rss_end, "MB",
+                       first, f"RSS after its first {SOAK_SAMPLE_S:.0f} s")
     finally:
         broker.stop()
 

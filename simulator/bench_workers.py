@@ -22,13 +22,13 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.broker import BrokerHandle, free_port
+from ingest.broker import BrokerAddress, free_port
 from ingest.clock import wall_ms
 from registry.db import open_database
 from registry.tokens import create_token
 from simulator.report import Report
 
-StartPublisher = Callable[[BrokerHandle, str, float], "subprocess.Popen[str]"]
+StartPublisher = Callable[[BrokerAddress, str, float], "subprocess.Popen[str]"]
 
 
 def metric_totals(ports: list[int], headers: dict[str, str]) -> dict[str, float]:
@@ -64,7 +64,7 @@ def answering(ports: list[int], timeout: float = 30) -> bool:
     return False
 
 
-async def _run(broker: BrokerHandle, workers: int, seconds: float, db_url: str,
+async def _run(broker: BrokerAddress, workers: int, seconds: float, db_url: str,
                start_publisher: StartPublisher) -> tuple[float, float]:
     """reads/s and CPU µs per read of `workers` workers."""
     root = f"benchn{uuid.uuid4().hex[:6]}"
@@ -101,7 +101,7 @@ async def _run(broker: BrokerHandle, workers: int, seconds: float, db_url: str,
         await asyncio.to_thread(sup.wait, 45)
 
 
-async def bench_workers(broker: BrokerHandle, seconds: float, db_url: str, report: Report,
+async def bench_workers(broker: BrokerAddress, seconds: float, db_url: str, report: Report,
                         start_publisher: StartPublisher) -> None:
     print(f"\n== bikewatch serve --workers N, fed at full rate, database {db_url} ==")
     figures = {}

@@ -59,8 +59,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--db-url", metavar="URL",
                    help="database for the end-to-end runs (default: a temporary SQLite file)")
     p.add_argument("--soak", type=float, default=10.0, metavar="S",
-                   help="run the worker for S seconds at the full load measured before "
-                        "(its maximum), memory printed every minute (0: skip)")
+                   help="run a worker in a process of its own for S seconds at the full load "
+                        "measured before (its maximum), memory printed every minute (0: skip)")
     p.add_argument("--json", metavar="FILE", help="also write every figure, its baseline and "
                    "the machine to FILE as JSON")
     p.add_argument("--registry-vehicles", type=int, default=None, metavar="N",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from ingest.broker import BrokerHandle
+from simulator.bench import run_soak
 
 
 def test_bench_quick_prints_matching_and_decode_tables(tmp_path: Path) -> None:
@@ -24,3 +28,11 @@ def test_bench_quick_prints_matching_and_decode_tables(tmp_path: Path) -> None:
     assert sections == {"matching", "decode", "station health", "next_stations", "registry"}
     assert all(f["value"] > 0 and f["baseline"] > 0 and f["ratio"] > 0 for f in doc["figures"])
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["python"]
+
+
+async def test_the_soak_samples_one_worker_in_a_process_of_its_own(broker: BrokerHandle) -> None:
+    run = await run_soak(broker.address(), 3.0, 200.0, None, sample_s=1.0)
+    assert run.reads_per_s > 100 * 50  # at 200 batches/s of 50 reads, less the warm-up
+    assert len(run.rss_samples) >= 2
+    assert run.rss_before > 0 and run.rss_end > 0
+    assert run.pid != os.getpid()
