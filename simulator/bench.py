@@ -199,23 +199,32 @@ def _start_publisher(broker: BrokerAddress, root: str, seconds: float, fmt: str 
         stdout=subprocess.PIPE, text=True)
 
 
-def _bare_paho(broker: BrokerAddress, root: str, seconds: float) -> float:
+def _bare_paho(broker: BrokerAddress, root: str, seconds: float, lean: bool = False) -> float:
+    """Messages/s of a paho subscriber that only counts them, acknowledging each as paho
+    does by default. `lean`: on the worker's own reads client (`ingest.mqtt`), which
+    parses a PUBLISH itself, to tell what that saves from what the pipeline costs."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from ingest.mqtt import _ReadsClient
+
     count = [0]
-    stamps: list[float] = []
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{uuid.uuid4().hex}",
-                         protocol=paho.MQTTv5)
+    kind = _ReadsClient if lean else paho.Client
+    client = kind(CallbackAPIVersion.VERSION2, client_id=f"bare-{uuid.uuid4().hex}",
+                  protocol=paho.MQTTv5, manual_ack=lean)
     client.username_pw_set("bikewatch", "bikewatch")
     ready = threading.Event()
 
     def on_message(*_: object) -> None:
         count[0] += 1
-        if count[0] in (1, 1_000_000_000):
-            stamps.append(time.monotonic())
+
+    def on_read(_topic: str, _payload: bytes, mid: int) -> None:
+        count[0] += 1
+        client.ack(mid, 1)
 
     client.on_message = on_message
+    if isinstance(client, _ReadsClient):
+        client.on_read = on_read
     client.on_subscribe = lambda *_: ready.set()
     client.on_connect = lambda c, *_: c.subscribe(f"{root}/stations/+/reads", qos=1)
     client.connect("127.0.0.1", broker.port)
@@ -435,6 +444,12 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
                                        seconds)
         print(f"bare paho subscriber:      {bare:>10,.0f} messages/s "
               f"({bare * READS_PER_BATCH:,.0f} reads/s)")
+        lean = await asyncio.to_thread(_bare_paho, broker, f"lean{uuid.uuid4().hex[:6]}",
+                                       seconds, True)
+        print(f"bare subscriber on the worker's reads client: {lean:>10,.0f} messages/s "
+              f"({lean / bare:.2f} of paho's own)")
+        report.add("end to end", "bare subscriber, the worker's reads client", lean, "msg/s",
+                   bare, "a bare paho subscriber")
         aio = await _bare_aiomqtt(broker, f"aio{uuid.uuid4().hex[:6]}", seconds)
         print(f"bare aiomqtt subscriber:   {aio:>10,.0f} messages/s ({aio / bare:.2f} of paho)")
         report.add("end to end", "bare aiomqtt subscriber", aio, "msg/s", bare,
@@ -446,6 +461,8 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
                   f"of the bare subscriber)")
             report.add("end to end", f"worker, {fmt}", rate, "reads/s", bare * READS_PER_BATCH,
                        "a bare paho subscriber")
+            report.add("end to end", f"worker, {fmt}, against its own reads client", rate,
+                       "reads/s", lean * READS_PER_BATCH, "a bare subscriber on that client")
             if fmt == "binary":
                 top = rate / READS_PER_BATCH
         half = top / 2
