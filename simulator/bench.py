@@ -14,6 +14,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import json
 import multiprocessing
 import os
 import resource
@@ -189,6 +190,61 @@ def publish_main(argv: list[str]) -> None:
     print(sent, flush=True)
 
 
+# -- the police subscriber process ------------------------------------------
+
+def police_main(argv: list[str]) -> None:
+    """Subscribe to every zone's alerts as a police system would; print "ready" once
+    subscribed and, when stdin closes, when each alert arrived (alert_id -> wall-clock
+    ms) as one JSON object. A process of its own, so that its clock reads are not held
+    up by the worker's interpreter."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int)
+    p.add_argument("--root")
+    a = p.parse_args(argv)
+    arrived: dict[str, int] = {}
+    ready = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"police-{uuid.uuid4().hex}",
+                         protocol=paho.MQTTv5)
+    client.username_pw_set("bikewatch", "bikewatch")
+
+    def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        arrived.setdefault(json.loads(msg.payload)["alert_id"], wall_ms())
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: ready.set()
+    client.on_connect = lambda c, *_: c.subscribe(f"{a.root}/alerts/#", qos=1)
+    client.connect("127.0.0.1", a.port)
+    client.loop_start()
+    if not ready.wait(10):
+        raise SystemExit("police subscriber: not subscribed within 10 s")
+    print("ready", flush=True)
+    sys.stdin.read()  # until the bench closes it
+    client.loop_stop()
+    client.disconnect()
+    print(json.dumps(arrived), flush=True)
+
+
+class _Police:
+    """A police subscriber process (`police_main`) on `root`'s alerts."""
+
+    def __init__(self, broker: BrokerAddress, root: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simulator.bench", "police", "--port", str(broker.port),
+             "--root", root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError("the police subscriber did not subscribe")
+
+    def arrived(self) -> dict[str, int]:
+        """Stop it: alert_id -> when it arrived, wall-clock ms."""
+        out, _ = self.proc.communicate(timeout=30)
+        return dict(json.loads(out))
+
+
 def _start_publisher(broker: BrokerAddress, root: str, seconds: float, fmt: str = "binary",
                      rate: float = 0, stolen_every: int = 0,
                      stolen_tags: int = 1) -> subprocess.Popen[str]:
@@ -294,6 +350,7 @@ class WorkerRun:
 
     reads_per_s: float = 0.0
     alert_ms: list[float] = field(default_factory=list)    # read received to MQTT PUBACK
+    police_ms: list[float] = field(default_factory=list)   # ... to a police subscriber
     webhook_ms: list[float] = field(default_factory=list)  # read received to webhook 2xx
     rss_before: int = 0  # MB, the worker ready and no load yet
     rss_end: int = 0
@@ -344,6 +401,7 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
         def reads() -> float:
             return worker.registry.get_sample_value("bikewatch_reads_total") or 0.0
 
+        police = None if webhook is None else await asyncio.to_thread(_Police, broker, root)
         pub = _start_publisher(broker, root, seconds + 2, fmt, rate, stolen_every, open_cases)
         await asyncio.sleep(1.0)  # warm up
         r0, t0 = reads(), time.monotonic()
@@ -359,12 +417,14 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
         run.rss_end = _rss_mb()
         await asyncio.to_thread(pub.wait)
         await asyncio.sleep(1.0 if webhook else 0)  # the last deliveries
-        if webhook is not None:
+        if webhook is not None and police is not None:
             async with engine.connect() as conn:
                 received = dict((await conn.execute(
                     select(Alert.alert_id, Alert.received_ms))).all())
             run.webhook_ms = [t - received[a] for a, t in webhook.arrived.items()
                               if a in received]
+            run.police_ms = [t - received[a] for a, t in
+                             (await asyncio.to_thread(police.arrived)).items() if a in received]
         worker.stop.set()
         await task
         await engine.dispose()
@@ -475,7 +535,9 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
             timer.close()
         print(f"alert latency at half load ({half:,.0f} batches/s, {OPEN_CASES:,} open cases), "
               "read received to:")
-        for channel, ms in (("MQTT PUBACK", timed.alert_ms), ("webhook 2xx", timed.webhook_ms)):
+        for channel, ms in (("MQTT PUBACK", timed.alert_ms),
+                            ("MQTT at a police subscriber", timed.police_ms),
+                            ("webhook 2xx", timed.webhook_ms)):
             if ms:
                 p50, p99 = np.percentile(ms, [50, 99])
                 print(f"  {channel}: {len(ms)} alerts, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
@@ -530,3 +592,5 @@ async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.
 
 if __name__ == "__main__" and sys.argv[1:2] == ["publish"]:
     publish_main(sys.argv[2:])
+elif __name__ == "__main__" and sys.argv[1:2] == ["police"]:
+    police_main(sys.argv[2:])

@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ingest.broker import BrokerHandle
-from simulator.bench import run_soak
+from ingest.clock import wall_ms
+from simulator.bench import _Police, run_soak
 
 
 def test_bench_quick_prints_matching_and_decode_tables(tmp_path: Path) -> None:
@@ -36,3 +38,25 @@ async def test_the_soak_samples_one_worker_in_a_process_of_its_own(broker: Broke
     assert len(run.rss_samples) >= 2
     assert run.rss_before > 0 and run.rss_end > 0
     assert run.pid != os.getpid()
+
+
+def test_the_police_subscriber_notes_when_each_alert_arrived(broker: BrokerHandle) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    police = _Police(broker.address(), "policetest")
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="police-test-pub")
+    pub.username_pw_set("bikewatch", "bikewatch")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    before = wall_ms()
+    for i, zone in enumerate(("z1", "z2")):
+        pub.publish(f"policetest/alerts/{zone}", json.dumps({"alert_id": f"A{i}"}),
+                    qos=1).wait_for_publish(5)
+    pub.publish("policetest/stations/S1/reads", b"not an alert", qos=1).wait_for_publish(5)
+    pub.loop_stop()
+    pub.disconnect()
+    time.sleep(1.0)  # the broker has them (PUBACK); on loopback they reach police in ms
+    arrived = police.arrived()
+    assert set(arrived) == {"A0", "A1"}
+    assert all(before <= t <= wall_ms() for t in arrived.values())
