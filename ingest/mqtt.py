@@ -7,6 +7,8 @@ already acknowledged. `bikewatch bench` measures both subscribers.
 
 The network callback does one thing: append the message to the inbox once the
 inbox has room for it (waking the event loop, if no wake-up is on its way).
+The reads connection parses its QoS 1 PUBLISH packets itself, and leaves the
+rest to paho (`_ReadsClient._handle_publish`).
 The room is the in-flight bound (DESIGN.md decision 5), in messages and in
 bytes. With MQTT 5 we ask the broker for a Receive Maximum, and the inbox
 counts to twice that; Mosquitto 2.0.11 keeps to it only until acknowledgements
