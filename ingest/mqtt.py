@@ -7,8 +7,6 @@ already acknowledged. `bikewatch bench` measures both subscribers.
 
 The network callback does one thing: append the message to the inbox once the
 inbox has room for it (waking the event loop, if no wake-up is on its way).
-The reads connection parses its QoS 1 PUBLISH packets itself, and leaves the
-rest to paho (`_ReadsClient._handle_publish`).
 The room is the in-flight bound (DESIGN.md decision 5), in messages and in
 bytes. With MQTT 5 we ask the broker for a Receive Maximum, and the inbox
 counts to twice that; Mosquitto 2.0.11 keeps to it only until acknowledgements
@@ -17,6 +15,9 @@ MQTT 3.1.1 (amqtt), or a flood of large payloads, it waits likewise. While it
 waits it stops reading the socket, and TCP pushes back on the broker. Either
 way far fewer than 65,535 QoS 1 messages are unacknowledged (receive_maximum
 is at most 30,000: Settings.validate), and memory is bounded.
+
+The reads connection parses its QoS 1 PUBLISH packets itself and leaves the
+rest to paho (`ReadsClient._handle_publish`).
 
 Sessions are persistent (clean_start False, a long session expiry), so a
 worker that dies with messages unacknowledged gets them again, or another
@@ -121,7 +122,7 @@ class ReadAhead:
         self._sock.setblocking(flag)
 
 
-class _ReadsClient(paho.Client):
+class ReadsClient(paho.Client):
     """The reads connection's paho client: its socket reads ahead (`ReadAhead`), a QoS 1
     PUBLISH goes straight to `on_read` (`_handle_publish`), and a group's
     acknowledgements leave together (`ack_all`)."""
@@ -277,7 +278,7 @@ class MqttLink:
         self._ep = settings.mqtt_endpoint()
         self._v5 = settings.mqtt_protocol == "5"
         self.client = self._client(settings.client_id, clean_session=False, manual_ack=True,
-                                   kind=_ReadsClient)
+                                   kind=ReadsClient)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

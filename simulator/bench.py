@@ -32,11 +32,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.broker import BrokerAddress, free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.codec import HEADER, RECORD, decode, decode_many, encode_binary, encode_json
 from ingest.config import Settings
+from ingest.mqtt import ReadsClient
 from registry.snapshot import StolenSet
 from registry.tags import format_tag
 from simulator.bench_forecast import bench_forecast
@@ -190,6 +193,18 @@ def publish_main(argv: list[str]) -> None:
     print(sent, flush=True)
 
 
+def _subscribe(client: paho.Client, port: int, topic: str) -> bool:
+    """Connect a paho client as the bench's users do, subscribe (again on a reconnect)
+    and run its network thread; True once the broker has granted the subscription."""
+    ready = threading.Event()
+    client.username_pw_set("bikewatch", "bikewatch")
+    client.on_subscribe = lambda *_: ready.set()
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return ready.wait(10)
+
+
 # -- the police subscriber process ------------------------------------------
 
 def police_main(argv: list[str]) -> None:
@@ -197,28 +212,19 @@ def police_main(argv: list[str]) -> None:
     subscribed and, when stdin closes, when each alert arrived (alert_id -> wall-clock
     ms) as one JSON object. A process of its own, so that its clock reads are not held
     up by the worker's interpreter."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int)
     p.add_argument("--root")
     a = p.parse_args(argv)
     arrived: dict[str, int] = {}
-    ready = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"police-{uuid.uuid4().hex}",
                          protocol=paho.MQTTv5)
-    client.username_pw_set("bikewatch", "bikewatch")
 
     def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         arrived.setdefault(json.loads(msg.payload)["alert_id"], wall_ms())
 
     client.on_message = on_message
-    client.on_subscribe = lambda *_: ready.set()
-    client.on_connect = lambda c, *_: c.subscribe(f"{a.root}/alerts/#", qos=1)
-    client.connect("127.0.0.1", a.port)
-    client.loop_start()
-    if not ready.wait(10):
+    if not _subscribe(client, a.port, f"{a.root}/alerts/#"):
         raise SystemExit("police subscriber: not subscribed within 10 s")
     print("ready", flush=True)
     sys.stdin.read()  # until the bench closes it
@@ -259,17 +265,10 @@ def _bare_paho(broker: BrokerAddress, root: str, seconds: float, lean: bool = Fa
     """Messages/s of a paho subscriber that only counts them, acknowledging each as paho
     does by default. `lean`: on the worker's own reads client (`ingest.mqtt`), which
     parses a PUBLISH itself, to tell what that saves from what the pipeline costs."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from ingest.mqtt import _ReadsClient
-
     count = [0]
-    kind = _ReadsClient if lean else paho.Client
+    kind = ReadsClient if lean else paho.Client
     client = kind(CallbackAPIVersion.VERSION2, client_id=f"bare-{uuid.uuid4().hex}",
                   protocol=paho.MQTTv5, manual_ack=lean)
-    client.username_pw_set("bikewatch", "bikewatch")
-    ready = threading.Event()
 
     def on_message(*_: object) -> None:
         count[0] += 1
@@ -279,13 +278,9 @@ def _bare_paho(broker: BrokerAddress, root: str, seconds: float, lean: bool = Fa
         client.ack(mid, 1)
 
     client.on_message = on_message
-    if isinstance(client, _ReadsClient):
+    if isinstance(client, ReadsClient):
         client.on_read = on_read
-    client.on_subscribe = lambda *_: ready.set()
-    client.on_connect = lambda c, *_: c.subscribe(f"{root}/stations/+/reads", qos=1)
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
-    ready.wait(10)
+    _subscribe(client, broker.port, f"{root}/stations/+/reads")
     pub = _start_publisher(broker, root, seconds)
     pub.wait()
     time.sleep(1.0)
@@ -442,7 +437,7 @@ def _soak_process(broker: BrokerAddress, seconds: float, rate: float, db_url: st
 
 
 async def run_soak(broker: BrokerAddress, seconds: float, rate: float, db_url: str | None,
-               sample_s: float = SOAK_SAMPLE_S) -> WorkerRun:
+                   sample_s: float = SOAK_SAMPLE_S) -> WorkerRun:
     """`seconds` of one worker at `rate` batches/s, its memory every `sample_s`."""
     ctx = multiprocessing.get_context("spawn")
     theirs, ours = ctx.Pipe(duplex=False)

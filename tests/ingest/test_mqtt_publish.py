@@ -1,4 +1,4 @@
-"""The reads client's own PUBLISH parsing (`_ReadsClient._handle_publish`) against paho's.
+"""The reads client's own PUBLISH parsing (`ReadsClient._handle_publish`) against paho's.
 
 Packets are handed to the client as paho's packet reader would hand them over, with no
 socket: what the fast path delivers must be what paho's own decoding gives, and what it
@@ -19,7 +19,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest.mqtt import _ReadsClient
+from ingest.mqtt import ReadsClient
 
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
 QOS1 = 0x32  # PUBLISH, QoS 1
@@ -31,7 +31,7 @@ class _Seen:
     def __init__(self, protocol: MQTTProtocolVersion) -> None:
         self.fast: list[tuple[str, bytes, int]] = []
         self.paho: list[MQTTMessage] = []
-        self.client = _ReadsClient(CallbackAPIVersion.VERSION2, protocol=protocol,
+        self.client = ReadsClient(CallbackAPIVersion.VERSION2, protocol=protocol,
                                    manual_ack=True)
         self.client.on_read = lambda topic, payload, mid: self.fast.append((topic, payload, mid))
         self.client.on_message = lambda _c, _u, msg: self.paho.append(msg)
