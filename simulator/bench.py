@@ -217,8 +217,8 @@ def police_main(argv: list[str]) -> None:
     p.add_argument("--root")
     a = p.parse_args(argv)
     arrived: dict[str, int] = {}
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"police-{uuid.uuid4().hex}",
-                         protocol=paho.MQTTv5)
+    # MQTT 3.1.1, which every broker speaks (amqtt refuses 5); alerts need nothing of 5
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"police-{uuid.uuid4().hex}")
 
     def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         arrived.setdefault(json.loads(msg.payload)["alert_id"], wall_ms())
