@@ -378,13 +378,13 @@ class MqttLink:
             log.warning("disconnected from the broker (%s); reconnecting; %d in the inbox, "
                         "%d waits for room so far", rc, len(self.inbox), self.inbox.waits)
 
-    def _on_read(self, topic: str, payload: bytes, mid: int) -> None:
-        self.inbox.put_threadsafe(Inbound(topic, payload, mid, 1, self.clock(),
+    def _on_read(self, topic: str, payload: bytes, mid: int, qos: int = 1) -> None:
+        self.inbox.put_threadsafe(Inbound(topic, payload, mid, qos, self.clock(),
                                           self.connection))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        self.inbox.put_threadsafe(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos,
-                                          self.clock(), self.connection))
+        """What `ReadsClient` leaves to paho (see its `_handle_publish`)."""
+        self._on_read(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
 
     def _on_publish(self, _c: paho.Client, _u: object, mid: int, _rc: ReasonCode,
                     _p: Properties | None) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest.broker import BrokerAddress, free_port, start_broker
+from ingest.broker import DEMO_USER, BrokerAddress, free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.codec import HEADER, RECORD, decode, decode_many, encode_binary, encode_json
 from ingest.config import Settings
@@ -197,7 +197,7 @@ def _subscribe(client: paho.Client, port: int, topic: str) -> bool:
     """Connect a paho client as the bench's users do, subscribe (again on a reconnect)
     and run its network thread; True once the broker has granted the subscription."""
     ready = threading.Event()
-    client.username_pw_set("bikewatch", "bikewatch")
+    client.username_pw_set(DEMO_USER, DEMO_USER)
     client.on_subscribe = lambda *_: ready.set()
     client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
     client.connect("127.0.0.1", port)
@@ -293,8 +293,8 @@ async def _bare_aiomqtt(broker: BrokerAddress, root: str, seconds: float) -> flo
     import aiomqtt
 
     count = 0
-    async with aiomqtt.Client("127.0.0.1", broker.port, username="bikewatch",
-                              password="bikewatch") as client:
+    async with aiomqtt.Client("127.0.0.1", broker.port, username=DEMO_USER,
+                              password=DEMO_USER) as client:
         await client.subscribe(f"{root}/stations/+/reads", qos=1)
         pub = _start_publisher(broker, root, seconds)
         deadline = time.monotonic() + seconds + 2
