@@ -32,6 +32,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
+from alerts.outbox import MARK_AFTER_S, pause
 from ingest.config import WebhookReceiver
 from registry.db import DB_ERRORS, reading, write_turn
 from registry.models import Alert, Delivery, Owner, Vehicle
@@ -52,7 +53,7 @@ _DUE = (select(Delivery.id, Delivery.alert_id, Alert.kind, Delivery.attempts,
         .join(Alert, Alert.alert_id == Delivery.alert_id)
         .where(Delivery.channel == bindparam("p_channel"), Delivery.delivered_ms.is_(None),
                Delivery.dead_ms.is_(None), Delivery.next_ms <= bindparam("p_now"))
-        .order_by(Delivery.next_ms, Delivery.id).limit(BATCH))
+        .order_by(Delivery.next_ms, Delivery.id).limit(bindparam("p_limit")))
 _DUE_WITH_CONTACT = (_DUE.add_columns(Owner.name, Owner.phone)
                      .outerjoin(Vehicle, Vehicle.tag == Alert.tag)
                      .outerjoin(Owner, Owner.id == Vehicle.owner_id))
@@ -136,7 +137,9 @@ class WebhookSender:
                 wake.clear()
                 stopping = asyncio.ensure_future(stop.wait())
                 try:
-                    due = [row for row in await self._due(r) if row.id not in posted]
+                    # Rows posted and not yet recorded come back too: read past them.
+                    due = [row for row in await self._due(r, BATCH + len(posted))
+                           if row.id not in posted]
                     for row in due:
                         post = asyncio.ensure_future(self._post(r, http, row))
                         await asyncio.wait({post, stopping},
@@ -151,7 +154,7 @@ class WebhookSender:
                 finally:
                     stopping.cancel()
                 if posted and (flushing is None or flushing.done()):
-                    flushing = asyncio.ensure_future(self._flush(r.name, posted))
+                    flushing = asyncio.ensure_future(self._flush(r.name, posted, stop))
                 if len(due) < BATCH:  # caught up: sleep until new alerts or the poll
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(_first(wake, stop), POLL_S)
@@ -160,8 +163,12 @@ class WebhookSender:
                 await flushing
             await self._flush(r.name, posted)
 
-    async def _flush(self, name: str, posted: dict[int, tuple[_Due, str | None]]) -> None:
-        """Record what was posted, then forget it; on a database error keep it for later."""
+    async def _flush(self, name: str, posted: dict[int, tuple[_Due, str | None]],
+                     stop: asyncio.Event | None = None) -> None:
+        """Record what was posted, then forget it; on a database error keep it for later.
+        With `stop`, wait MARK_AFTER_S for company first, or until `stop` is set."""
+        if stop is not None:
+            await pause(MARK_AFTER_S, stop)
         batch = list(posted.values())
         try:
             await self._record(name, batch)
@@ -171,10 +178,11 @@ class WebhookSender:
         for row, _ in batch:
             posted.pop(row.id, None)
 
-    async def _due(self, r: WebhookReceiver) -> list[_Due]:
+    async def _due(self, r: WebhookReceiver, limit: int) -> list[_Due]:
         q = _DUE_WITH_CONTACT if r.contact == "full" else _DUE
         async with reading(self.engine).connect() as conn:
-            rows = (await conn.execute(q, {"p_channel": r.name, "p_now": self.clock()})).all()
+            rows = (await conn.execute(q, {"p_channel": r.name, "p_now": self.clock(),
+                                           "p_limit": limit})).all()
         out = []
         for row in rows:
             due = _Due(row.id, row.alert_id, row.kind, row.attempts, row.created_ms,

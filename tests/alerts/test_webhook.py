@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import select
 from standardwebhooks import Webhook
 
+from alerts.outbox import MARK_AFTER_S
 from alerts.webhook import RETRY_CAP_MS, retry_delay_ms, sign
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
@@ -201,7 +202,7 @@ class TestDelivery:
                 worker, pub):
             _sighting(pub)
             assert await until(lambda: len(masked.delivered()) == len(full.delivered()) == 1)
-            await asyncio.sleep(0.3)  # the delivery and its audit row are recorded
+            await asyncio.sleep(MARK_AFTER_S + 0.3)  # the delivery and its audit row are recorded
             log = await audit_log(worker.engine)
         plain = json.loads(masked.delivered()[0][1])
         whole = Webhook(SECRET_NEW).verify(full.delivered()[0][1], full.delivered()[0][0])

@@ -1,0 +1,119 @@
+"""Deliveries are recorded many to a transaction, and what waits to be recorded holds
+back no other alert: the outbox's MQTT marks and the webhook sender's results, on
+SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import alerts.outbox
+import alerts.webhook
+from alerts.engine import RaisedAlert
+from alerts.ids import new_ulid
+from alerts.outbox import Outbox
+from alerts.webhook import BATCH, WebhookSender
+from ingest.clock import wall_ms
+from ingest.config import WebhookReceiver
+from registry.models import Alert, Delivery
+from tests.alerts.test_webhook import SECRET_NEW, Receiver
+from tests.helpers import until
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+async def _pending(engine: AsyncEngine, n: int, channel: str | None = None) -> list[RaisedAlert]:
+    """`n` alerts raised and not delivered yet (and owed to webhook `channel`)."""
+    now = wall_ms()
+    rows = [{"alert_id": new_ulid(now), "kind": "stolen_sighting", "case_id": f"C-{i}",
+             "tag": i + 1, "station": "SP-0001", "zone": "north", "visit_first_ms": now,
+             "update_no": 1, "raised_ms": now, "received_ms": now,
+             "payload": f'{{"n": {i}}}'} for i in range(n)]
+    async with engine.begin() as conn:
+        await conn.execute(insert(Alert), rows)
+        if channel is not None:
+            await conn.execute(insert(Delivery), [
+                {"alert_id": r["alert_id"], "channel": channel, "created_ms": now,
+                 "next_ms": now} for r in rows])
+    return [RaisedAlert(str(r["alert_id"]), "north", str(r["payload"]).encode(), now)
+            for r in rows]
+
+
+def _count_commits(engine: AsyncEngine) -> list[int]:
+    commits = [0]
+
+    def on_commit(_conn: Any) -> None:
+        commits[0] += 1
+
+    event.listen(engine.sync_engine, "commit", on_commit)
+    return commits
+
+
+async def test_published_alerts_are_marked_together(engine: AsyncEngine,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(alerts.outbox, "MARK_AFTER_S", 0.3)
+    published: list[str] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        published.append(topic)
+
+    outbox = Outbox(engine, "bw", publish, wall_ms, lambda _s: None, sweep_s=60)
+    commits = _count_commits(engine)
+    stop = asyncio.Event()
+    task = asyncio.create_task(outbox.run(stop))
+    await asyncio.sleep(0.2)  # its first sweep found nothing
+    raised = await _pending(engine, 30)
+    commits[0] = 0
+    for alert in raised:  # one at a time, as groups commit them
+        outbox.notify([alert])
+        await asyncio.sleep(0.005)
+    assert await until(lambda: len(published) == 30, 5)
+
+    async def marked() -> int:
+        async with engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).where(
+                Alert.published_ms.is_not(None)))).scalar_one())
+
+    deadline = asyncio.get_running_loop().time() + 5
+    while await marked() < 30 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert await marked() == 30
+    assert commits[0] <= 3  # a mark a publish made 30
+    stop.set()
+    await task
+    assert published == ["bw/alerts/north"] * 30
+
+
+async def test_posts_waiting_to_be_recorded_hold_back_no_other_alert(
+        engine: AsyncEngine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More alerts than the sender reads at a time are posted, each once, while none of
+    them is recorded yet; at shutdown all are recorded in one go."""
+    monkeypatch.setattr(alerts.webhook, "MARK_AFTER_S", 60.0)  # nothing recorded meanwhile
+    n = 2 * BATCH + 10
+    raised = await _pending(engine, n, channel="police")
+    sender = WebhookSender(engine, [WebhookReceiver("police", receiver.url, (SECRET_NEW,))],
+                           wall_ms)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    assert await until(lambda: len(receiver.delivered()) == n, 10)
+    await asyncio.sleep(0.3)  # a second copy would have come by now
+    ids = [h["webhook-id"] for h, _ in receiver.delivered()]
+    assert sorted(ids) == sorted(a.alert_id for a in raised)
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).where(
+            Delivery.delivered_ms.is_not(None)))).scalar_one() == 0
+    stop.set()
+    await asyncio.wait_for(task, 70)
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).where(
+            Delivery.delivered_ms.is_not(None)))).scalar_one() == n
