@@ -16,7 +16,7 @@ from typing import Any, TypeGuard, cast
 import numpy as np
 import orjson
 
-from ingest.batch import ReadBatch, Reads
+from ingest.batch import I64, U64, ReadBatch, Reads
 from ingest.errors import Reason, Rejected
 from registry.tags import format_tag, is_tag_text
 
@@ -81,6 +81,27 @@ def decode_many(items: Sequence[tuple[bytes, str, int]]) -> list[ReadBatch | Rej
         for i, batch in zip((b[0] for b in binary), _binary_columns(binary, bodies), strict=True):
             out[i] = batch
     return [b for b in out if b is not None]
+
+
+def binary_tags(payloads: Sequence[bytes]) -> tuple[U64, I64]:
+    """The tags in the binary payloads among `payloads`, and the index of each one's
+    payload: who is in a group, known before it is decoded (the pipeline's express
+    lane), for a fraction of the cost. Only the magic and the length are checked;
+    JSON payloads, and binary ones whose length does not fit their count, are skipped."""
+    index: list[int] = []
+    counts: list[int] = []
+    bodies: list[bytes] = []
+    for i, p in enumerate(payloads):
+        if p[:2] == b"BW" and len(p) >= HEADER.size:
+            count = int.from_bytes(p[20:24], "little")
+            if len(p) == HEADER.size + RECORD.itemsize * count:
+                index.append(i)
+                counts.append(count)
+                bodies.append(p[HEADER.size:])
+    if not bodies:
+        return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+    tags = np.frombuffer(b"".join(bodies), dtype=RECORD)["tag"]
+    return tags, np.repeat(np.array(index, dtype=np.int64), counts)
 
 
 def _binary_header(payload: bytes) -> tuple[int, int, int, int]:

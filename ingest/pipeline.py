@@ -1,5 +1,7 @@
 """The hot path, in one place: a group of MQTT messages in, one transaction out.
 
+    split       the messages of stations that heard a stolen tag first, as a group
+                of their own (the express lane)
     decode      every payload into a ReadBatch, or a rejection with its reason
     dedupe      drop (station, boot, seq) seen before: memory window, then the
                 seen_batches table (the database decides; the window saves a trip)
@@ -9,7 +11,7 @@
     alert       one alert per stolen tag's visit (alerts.engine), outbox row included
     health      heartbeats, status and reads move each station's last-heard time
 
-`Pipeline.process` runs these for a group and commits once; only then may the
+`Pipeline.process` runs the rest for a group and commits once; only then may the
 caller acknowledge the group's messages to the broker (DESIGN.md decision 3).
 If the transaction fails, the in-memory state is put back as it was, and the
 caller retries the same group: nothing was acknowledged, nothing is lost.
@@ -41,7 +43,7 @@ from alerts.engine import (
 from alerts.forecast import EMPTY
 from alerts.geo import distance_km_array
 from ingest.batch import FLAG_TAMPER, ReadBatch, gather
-from ingest.codec import decode_many
+from ingest.codec import binary_tags, decode_many
 from ingest.errors import Reason, Rejected
 from ingest.health import StationHealth
 from ingest.metrics import Metrics
@@ -60,6 +62,10 @@ REJECT_PAYLOAD_MAX = 64 * 1024
 # Stations closer than this may both hear a bike between them: no impossible travel there.
 IMPOSSIBLE_MIN_KM = 0.5
 ROUTES_KEPT = 100_000  # topics remembered (Pipeline._route)
+# A group's stolen sightings go first (Pipeline.split) only when the rest of it is at
+# least this many messages: a smaller rest takes a few ms, about what a second
+# transaction costs.
+EXPRESS_MIN_REST = 32
 # Every group's statements, built once (registry.sql's note says why).
 _LOG_SEGMENTS = insert(VisitLog)
 _KEEP_REJECTS = insert(RejectRecord)
@@ -137,10 +143,7 @@ class Pipeline:
         keys: set[tuple[str, int, int]] = set()
         reads: list[tuple[Inbound, str]] = []
         for m in msgs:
-            try:
-                route = self._routes[m.topic]
-            except KeyError:
-                route = self._route(m.topic)
+            route = self._route(m.topic)
             if route is None:
                 continue  # not ours (subscriptions are exact, so this is a broker quirk)
             station, kind, named_well = route
@@ -178,6 +181,10 @@ class Pipeline:
     def _route(self, topic: str) -> tuple[str, str, bool] | None:
         """(station, kind, whether the station id is well formed) of a topic under our
         root, None for any other; remembered, as a town's topics are few and repeat."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
         levels = topic.split("/")
         n = len(self.root)
         route = None
@@ -207,6 +214,37 @@ class Pipeline:
         out.rejects.append(_reject_row(m, station, rej.reason, 0, rej.detail, rej.boot,
                                        rej.seq))
         result.rejected[rej.reason.value] = result.rejected.get(rej.reason.value, 0) + 1
+
+    # -- the express lane ------------------------------------------------------
+
+    def split(self, msgs: list[Inbound]) -> list[list[Inbound]]:
+        """The group as the transactions to run, in this order.
+
+        The messages of the stations that heard a stolen tag go first, in a
+        transaction of their own, so that their alerts wait for them alone and not
+        for the whole group. A station's messages stay together and in order, so its
+        visits fold as they would in one group. Only a tag heard at two stations in
+        one group may see its reads at the other station folded after newer ones:
+        they are then merged as late reads (PROTOCOL.md section 3), and not looked at
+        for impossible travel. Binary batches only (ingest.codec.binary_tags): looking
+        into a JSON batch costs its decoding, so it keeps the group's pace."""
+        snapshot = self.holder.current
+        if len(snapshot) == 0 or len(msgs) <= EXPRESS_MIN_REST:
+            return [msgs]
+        tags, of = binary_tags([m.payload for m in msgs])
+        hit, _ = snapshot.match(tags)
+        if not len(hit):
+            return [msgs]
+        stations = {self._station(msgs[i].topic) for i in np.unique(of[hit]).tolist()}
+        express = [m for m in msgs if self._station(m.topic) in stations]
+        rest = [m for m in msgs if self._station(m.topic) not in stations]
+        if len(rest) < EXPRESS_MIN_REST:
+            return [msgs]
+        return [express, rest]
+
+    def _station(self, topic: str) -> str | None:
+        route = self._route(topic)
+        return None if route is None else route[0]
 
     # -- one transaction -------------------------------------------------------
 

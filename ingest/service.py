@@ -1,7 +1,8 @@
 """`bikewatch serve`: one worker, its tasks and their lifetimes.
 
     Worker.run()  ─ TaskGroup
-        consume     inbox -> Pipeline.process (one transaction) -> ack -> outbox
+        consume     inbox -> Pipeline.split (stolen sightings first) -> Pipeline.process
+                    (one transaction a group) -> ack -> outbox
         refresh     registry version poll -> new stolen snapshot and station directory;
                     a case just opened -> its bike's visits since the theft (alerts.lookback)
         outbox      publish committed alerts, mark them published
@@ -212,9 +213,15 @@ class Worker:
             # shield it from cancellation, which then takes effect at the next take().
             self.metrics.inflight.set(len(msgs) + len(inbox))
             self._behind_since = msgs[0].received_ms
-            await asyncio.shield(self._group(msgs, link))
+            await asyncio.shield(self._groups(msgs, link))
             if not inbox:  # caught up
                 self._behind_since = None
+
+    async def _groups(self, msgs: list[Inbound], link: MqttLink) -> None:
+        """What was taken: stolen sightings first, in a group of their own
+        (Pipeline.split), each group committed, acknowledged and its alerts sent."""
+        for group in self.pipeline.split(msgs):
+            await self._group(group, link)
 
     async def _group(self, msgs: list[Inbound], link: MqttLink) -> None:
         delay = 0.1

@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.codec import HEADER, MAX_PAYLOAD, decode, decode_many, encode_binary, encode_json
+from ingest.codec import (
+    HEADER,
+    MAX_PAYLOAD,
+    binary_tags,
+    decode,
+    decode_many,
+    encode_binary,
+    encode_json,
+)
 from ingest.errors import Reason, Rejected
 
 NOW = 1_763_803_800_000
@@ -175,3 +183,40 @@ def test_decoded_columns_have_the_documented_types() -> None:
     r = decode(encode_binary(1, 1, NOW, [1], [0]), "S1", NOW).reads
     assert (r.tag.dtype, r.ts_ms.dtype, r.rssi.dtype, r.ant.dtype, r.flags.dtype) == (
         np.uint64, np.int64, np.int8, np.uint8, np.uint16)
+
+
+_payloads = st.lists(st.one_of(
+    st.tuples(st.just("binary"), reads_strategy),
+    st.tuples(st.just("json"), reads_strategy),
+    st.tuples(st.just("bytes"), st.binary(max_size=120))), max_size=12)
+
+
+@given(_payloads)
+@settings(max_examples=200)
+def test_binary_tags_are_those_the_decoder_finds(items: list[tuple[str, object]]) -> None:
+    """The express lane's look into a group (ingest.pipeline): every binary batch's tags
+    with its index, in order, as decoding finds them; other payloads bring none, and
+    no bytes raise."""
+    payloads: list[bytes] = []
+    for kind, content in items:
+        if kind == "bytes":
+            assert isinstance(content, bytes)
+            payloads.append(content if content[:2] != b"BW" else b"x" + content)
+            continue
+        assert isinstance(content, list)
+        tags = np.array([r[0] for r in content], dtype=np.uint64)
+        if kind == "binary":
+            payloads.append(encode_binary(1, len(payloads), NOW, tags, [0] * len(tags)))
+        else:
+            payloads.append(encode_json(1, len(payloads), NOW, tags.tolist(), [NOW] * len(tags)))
+    tags, index = binary_tags(payloads)
+    expected = [(i, t) for i, p in enumerate(payloads) if p[:2] == b"BW"
+                for t in decode(p, "S1", NOW).reads.tag.tolist()]
+    assert list(zip(index.tolist(), tags.tolist(), strict=True)) == expected
+
+
+@given(st.lists(st.binary(max_size=80).map(lambda b: b"BW" + b), max_size=8))
+def test_binary_tags_take_any_bytes_behind_the_magic(payloads: list[bytes]) -> None:
+    tags, index = binary_tags(payloads)
+    assert len(tags) == len(index)
+    assert all(0 <= i < len(payloads) for i in index.tolist())

@@ -1,0 +1,141 @@
+"""The express lane (Pipeline.split): the stations that heard a stolen tag go first, as
+a group of their own, and what is stored comes out as if the group had been one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from ingest.broker import BrokerHandle
+from ingest.clock import wall_ms
+from ingest.codec import encode_binary, encode_json
+from ingest.pipeline import EXPRESS_MIN_REST, Inbound
+from ingest.service import Worker
+from ingest.visitlog import drain
+from registry.db import open_database
+from registry.models import Alert, Visit
+from tests.helpers import STOLEN, settings_for, stage_registry
+
+THEFT_SEEN = "SP-0040"
+
+
+@pytest.fixture
+async def worker(broker: BrokerHandle, tmp_path: Path) -> AsyncIterator[Worker]:
+    w = await _worker(broker, f"sqlite+aiosqlite:///{tmp_path}/express.db")
+    yield w
+    await w.engine.dispose()
+
+
+async def _worker(broker: BrokerHandle, url: str) -> Worker:
+    """A worker's pipeline on the staged town, with the theft loaded; not consuming."""
+    await stage_registry(url)
+    w = Worker(settings_for(broker, url), await open_database(url))
+    await w._refresh()
+    assert len(w.holder.current) == 1
+    return w
+
+
+class Traffic:
+    """Messages as the reads connection hands them over."""
+
+    def __init__(self, root: str, seq0: int = 0) -> None:
+        self.root = root
+        self.seq0 = seq0
+        self.msgs: list[Inbound] = []
+        self.now = wall_ms()
+
+    def batch(self, station: str, tags: list[int], json: bool = False) -> Inbound:
+        seq = self.seq0 + len(self.msgs)
+        payload = (encode_json(7, seq, self.now, tags, [self.now + seq] * len(tags)) if json
+                   else encode_binary(7, seq, self.now, tags, [seq] * len(tags)))
+        m = Inbound(f"{self.root}/stations/{station}/reads", payload, seq + 1, 1,
+                    self.now + seq)
+        self.msgs.append(m)
+        return m
+
+    def crowd(self, n: int) -> None:
+        """`n` batches from stations where nothing is stolen, bikes heard again and again."""
+        for _ in range(n):
+            i = len(self.msgs)
+            self.batch(f"X-{i % 23}", [1000 + i % 7, 2000 + i % 5, 3000 + i])
+
+
+def _town(w: Worker, seq0: int = 0) -> Traffic:
+    return Traffic(w.settings.mqtt_root, seq0)
+
+
+async def test_the_stations_that_heard_a_stolen_tag_go_first(worker: Worker) -> None:
+    t = _town(worker)
+    t.crowd(10)
+    before = t.batch(THEFT_SEEN, [5, 6])
+    t.crowd(30)
+    sighting = t.batch(THEFT_SEEN, [5, STOLEN, 6])
+    t.crowd(20)
+    first, rest = worker.pipeline.split(t.msgs)
+    assert first == [before, sighting]  # the station's batches, in order
+    assert rest == [m for m in t.msgs if m not in first]
+
+
+async def test_one_group_where_the_lane_would_not_pay(worker: Worker) -> None:
+    t = _town(worker)
+    t.crowd(EXPRESS_MIN_REST - 1)
+    t.batch(THEFT_SEEN, [STOLEN])
+    assert worker.pipeline.split(t.msgs) == [t.msgs]  # the rest is quick anyway
+    t.crowd(1)
+    assert len(worker.pipeline.split(t.msgs)) == 2
+    quiet = _town(worker)
+    quiet.crowd(80)
+    assert worker.pipeline.split(quiet.msgs) == [quiet.msgs]  # nothing stolen heard
+    text = _town(worker)
+    text.crowd(40)
+    text.batch(THEFT_SEEN, [STOLEN], json=True)
+    text.crowd(40)
+    assert worker.pipeline.split(text.msgs) == [text.msgs]  # JSON keeps the group's pace
+
+
+async def _stored(w: Worker) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    await drain(w.engine)
+    async with w.engine.connect() as conn:
+        visits = (await conn.execute(select(
+            Visit.tag, Visit.station, Visit.first_ms, Visit.last_ms, Visit.reads,
+            Visit.best_rssi).order_by(Visit.tag, Visit.station, Visit.first_ms))).all()
+        alerts = (await conn.execute(select(
+            Alert.kind, Alert.case_id, Alert.station, Alert.visit_first_ms, Alert.update_no)
+            .order_by(Alert.visit_first_ms))).all()
+    return [tuple(v) for v in visits], [tuple(a) for a in alerts]
+
+
+async def test_split_stores_what_one_group_stores(broker: BrokerHandle, tmp_path: Path) -> None:
+    whole = await _worker(broker, f"sqlite+aiosqlite:///{tmp_path}/whole.db")
+    split = await _worker(broker, f"sqlite+aiosqlite:///{tmp_path}/split.db")
+    rng = np.random.default_rng(7)
+    takes: list[list[Inbound]] = []
+    for _ in range(3):  # three takes, the stolen bike at the theft station in each
+        t = _town(whole, 1000 * len(takes))
+        for i in range(90):
+            if i in (20, 21, 60):
+                t.batch(THEFT_SEEN, [STOLEN, int(rng.integers(1, 50))])
+            else:
+                t.crowd(1)
+        takes.append(t.msgs)
+    try:
+        for msgs in takes:
+            assert (await whole.pipeline.process(msgs)).reads == sum(
+                int.from_bytes(m.payload[20:24], "little") for m in msgs)
+            retopic = [Inbound(m.topic.replace(whole.settings.mqtt_root,
+                                               split.settings.mqtt_root), m.payload, m.mid,
+                               m.qos, m.received_ms) for m in msgs]
+            groups = split.pipeline.split(retopic)
+            assert len(groups) == 2 and len(groups[0]) == 3
+            for group in groups:
+                await split.pipeline.process(group)
+        assert await _stored(split) == await _stored(whole)
+        _, alerts = await _stored(split)
+        assert len(alerts) >= 1
+    finally:
+        await whole.engine.dispose()
+        await split.engine.dispose()
