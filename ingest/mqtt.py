@@ -34,8 +34,8 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.client import PUBACK
@@ -414,14 +414,24 @@ class MqttLink:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    async def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
-        """Publish with QoS 1 and wait for the broker's PUBACK."""
-        fut: asyncio.Future[None] = self._loop.create_future()
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0,
+                ) -> Coroutine[Any, Any, None]:
+        """Publish with QoS 1: the message is handed to paho before this returns (not
+        when the result is first awaited), and awaiting the result waits for the
+        broker's PUBACK, or raises TimeoutError or ConnectionError."""
         info = self.out.publish(topic, payload, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise ConnectionError(f"publish failed: {paho.error_string(info.rc)}")
+            return _raise(ConnectionError(f"publish failed: {paho.error_string(info.rc)}"))
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._pending[info.mid] = fut
+        return self._puback(info.mid, fut, timeout)
+
+    async def _puback(self, mid: int, fut: asyncio.Future[None], timeout: float) -> None:
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
-            self._pending.pop(info.mid, None)
+            self._pending.pop(mid, None)
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc

@@ -1,6 +1,6 @@
-"""Deliveries are recorded many to a transaction, and what waits to be recorded holds
-back no other alert: the outbox's MQTT marks and the webhook sender's results, on
-SQLite and PostgreSQL."""
+"""Alerts leave as soon as they are committed; deliveries are recorded many to a
+transaction, and what waits to be recorded holds back no other alert: the outbox's
+MQTT marks and the webhook sender's results, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import alerts.outbox
 import alerts.webhook
 from alerts.engine import RaisedAlert
 from alerts.ids import new_ulid
-from alerts.outbox import Outbox
+from alerts.outbox import PUBLISH_BATCH, Outbox
 from alerts.webhook import BATCH, WebhookSender
 from ingest.clock import wall_ms
 from ingest.config import WebhookReceiver
@@ -117,3 +117,31 @@ async def test_posts_waiting_to_be_recorded_hold_back_no_other_alert(
     async with engine.connect() as conn:
         assert (await conn.execute(select(func.count()).where(
             Delivery.delivered_ms.is_not(None)))).scalar_one() == n
+
+
+async def test_committed_alerts_are_published_before_the_loop_turns(
+        engine: AsyncEngine) -> None:
+    """`notify` publishes (up to PUBLISH_BATCH at once), the outbox's task waits for
+    the PUBACKs and publishes the rest: each alert once."""
+    loop = asyncio.get_running_loop()
+    sent: list[bytes] = []
+
+    def publish(topic: str, payload: bytes) -> asyncio.Future[None]:
+        """As MqttLink.publish: sent by the call, acknowledged a moment later."""
+        sent.append(payload)
+        puback: asyncio.Future[None] = loop.create_future()
+        loop.call_later(0.01, puback.set_result, None)
+        return puback
+
+    outbox = Outbox(engine, "bw", publish, wall_ms, lambda _s: None, sweep_s=60)
+    stop = asyncio.Event()
+    task = asyncio.create_task(outbox.run(stop))
+    await asyncio.sleep(0.2)  # its first sweep found nothing
+    raised = await _pending(engine, PUBLISH_BATCH + 50)
+    outbox.notify(raised)
+    assert len(sent) == PUBLISH_BATCH  # no await since: sent by `notify` itself
+    assert await until(lambda: len(sent) == len(raised), 5)
+    await asyncio.sleep(0.2)  # a second copy would have gone by now
+    stop.set()
+    await task
+    assert sorted(sent) == sorted(a.payload for a in raised)

@@ -18,7 +18,7 @@ from ingest.mqtt import Inbox, MqttLink, ReadAhead
 from ingest.pipeline import Inbound
 from simulator.publisher import StationPublisher
 from tests.conftest import tool, unavailable
-from tests.helpers import settings_for, until
+from tests.helpers import Police, settings_for, until
 
 pytestmark = [pytest.mark.broker]
 
@@ -157,6 +157,26 @@ async def test_alerts_leave_while_the_reads_connection_is_held_back(
         await asyncio.wait_for(link.publish(f"{settings.mqtt_root}/alerts/z", b"{}"), 5)
     finally:
         link.inbox.closed = True
+        link.stop()
+
+
+async def test_an_alert_leaves_when_published_not_when_its_puback_is_awaited(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """The outbox publishes committed alerts from the consumer's own step, before the
+    event loop turns to anything else; that only pays if the call itself sends."""
+    settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    link = MqttLink(settings, Inbox(asyncio.get_running_loop(), 100), wall_ms)
+    link.start()
+    assert await link.wait_connected(10)
+    police = await asyncio.to_thread(Police, settings, f"{settings.mqtt_root}/alerts/#")
+    try:
+        puback = link.publish(f"{settings.mqtt_root}/alerts/z", b'{"n": 1}')
+        assert await police.wait_for(1, 5) == [{"n": 1}]  # `puback` not awaited yet
+        await asyncio.wait_for(puback, 5)
+        with pytest.raises(TimeoutError):  # nobody acknowledges in no time
+            await link.publish(f"{settings.mqtt_root}/alerts/z", b'{"n": 2}', timeout=0)
+    finally:
+        police.close()
         link.stop()
 
 
