@@ -235,9 +235,10 @@ class Pipeline:
         hit, _ = snapshot.match(tags)
         if not len(hit):
             return [msgs]
-        stations = {self._station(msgs[i].topic) for i in np.unique(of[hit]).tolist()}
-        express = [m for m in msgs if self._station(m.topic) in stations]
-        rest = [m for m in msgs if self._station(m.topic) not in stations]
+        station = [self._station(m.topic) for m in msgs]
+        heard = {station[i] for i in np.unique(of[hit]).tolist()}
+        express = [m for m, s in zip(msgs, station, strict=True) if s in heard]
+        rest = [m for m, s in zip(msgs, station, strict=True) if s not in heard]
         if len(rest) < EXPRESS_MIN_REST:
             return [msgs]
         return [express, rest]

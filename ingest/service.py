@@ -219,11 +219,15 @@ class Worker:
 
     async def _groups(self, msgs: list[Inbound], link: MqttLink) -> None:
         """What was taken: stolen sightings first, in a group of their own
-        (Pipeline.split), each group committed, acknowledged and its alerts sent."""
+        (Pipeline.split), each group committed and its alerts sent; then all of it
+        acknowledged, in the order received, as MQTT requires of PUBACKs (3.1.1 and 5,
+        section 4.6). Committed and not yet acknowledged, a batch that comes again
+        after a crash is a duplicate."""
         for group in self.pipeline.split(msgs):
-            await self._group(group, link)
+            await self._group(group)
+        link.ack(msgs)
 
-    async def _group(self, msgs: list[Inbound], link: MqttLink) -> None:
+    async def _group(self, msgs: list[Inbound]) -> None:
         delay = 0.1
         with self.metrics.group_seconds.time():
             while True:
@@ -239,7 +243,6 @@ class Worker:
                                 str(exc).splitlines()[0][:200])
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
-        link.ack(msgs)
         self._deliver(result.alerts)
 
     def _deliver(self, alerts: list[RaisedAlert]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import select
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary, encode_json
+from ingest.mqtt import MqttLink
 from ingest.pipeline import EXPRESS_MIN_REST, Inbound
 from ingest.service import Worker
 from ingest.visitlog import drain
@@ -95,6 +97,31 @@ async def test_one_group_where_the_lane_would_not_pay(worker: Worker) -> None:
     text.batch(THEFT_SEEN, [STOLEN], json=True)
     text.crowd(40)
     assert worker.pipeline.split(text.msgs) == [text.msgs]  # JSON keeps the group's pace
+
+
+class _Acks:
+    """Stands in for the MQTT link where only its acknowledgements are looked at."""
+
+    def __init__(self) -> None:
+        self.acked: list[list[Inbound]] = []
+
+    def ack(self, msgs: list[Inbound]) -> None:
+        self.acked.append(list(msgs))
+
+
+async def test_acknowledged_together_in_the_order_received(worker: Worker) -> None:
+    """The sighting is committed and its alert sent first, yet PUBACKs keep the order
+    the messages came in (MQTT section 4.6), after both groups are committed."""
+    t = _town(worker)
+    t.crowd(20)
+    t.batch(THEFT_SEEN, [STOLEN])
+    t.crowd(40)
+    sent: list[int] = []
+    worker._deliver = lambda alerts: sent.extend(a.received_ms for a in alerts)  # type: ignore[method-assign]
+    acks = _Acks()
+    await worker._groups(t.msgs, cast(MqttLink, acks))
+    assert acks.acked == [t.msgs]
+    assert sent == [t.msgs[20].received_ms]
 
 
 async def _stored(w: Worker) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
