@@ -2,7 +2,7 @@
 
     Worker.run()  ─ TaskGroup
         consume     inbox -> Pipeline.split (stolen sightings first) -> Pipeline.process
-                    (one transaction a group) -> ack -> outbox
+                    (one transaction a group) -> outbox -> ack (the whole take)
         refresh     registry version poll -> new stolen snapshot and station directory;
                     a case just opened -> its bike's visits since the theft (alerts.lookback)
         outbox      publish committed alerts, mark them published
