@@ -154,7 +154,7 @@ class WebhookSender:
                 finally:
                     stopping.cancel()
                 if posted and (flushing is None or flushing.done()):
-                    flushing = asyncio.ensure_future(self._flush(r.name, posted, stop))
+                    flushing = asyncio.ensure_future(self._flush_soon(r.name, posted, stop))
                 if len(due) < BATCH:  # caught up: sleep until new alerts or the poll
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(_first(wake, stop), POLL_S)
@@ -163,12 +163,15 @@ class WebhookSender:
                 await flushing
             await self._flush(r.name, posted)
 
-    async def _flush(self, name: str, posted: dict[int, tuple[_Due, str | None]],
-                     stop: asyncio.Event | None = None) -> None:
-        """Record what was posted, then forget it; on a database error keep it for later.
-        With `stop`, wait MARK_AFTER_S for company first, or until `stop` is set."""
-        if stop is not None:
-            await pause(MARK_AFTER_S, stop)
+    async def _flush_soon(self, name: str, posted: dict[int, tuple[_Due, str | None]],
+                          stop: asyncio.Event) -> None:
+        """As the outbox's marks: wait MARK_AFTER_S for company (less if `stop` is
+        set), then record."""
+        await pause(MARK_AFTER_S, stop)
+        await self._flush(name, posted)
+
+    async def _flush(self, name: str, posted: dict[int, tuple[_Due, str | None]]) -> None:
+        """Record what was posted, then forget it; on a database error keep it for later."""
         batch = list(posted.values())
         try:
             await self._record(name, batch)

@@ -28,6 +28,7 @@ HEADER = struct.Struct("<2sBBIIQI")  # magic, version, reserved, boot, seq, base
 RECORD = np.dtype([("tag", "<u8"), ("dt_ms", "<u4"), ("rssi", "i1"), ("ant", "u1"),
                    ("flags", "<u2")])
 assert HEADER.size == 24
+_COUNT_AT = HEADER.size - 4  # the header's last field, the number of records
 assert RECORD.itemsize == 16
 
 _U32 = (1 << 32) - 1
@@ -93,7 +94,7 @@ def binary_tags(payloads: Sequence[bytes]) -> tuple[U64, I64]:
     bodies: list[bytes] = []
     for i, p in enumerate(payloads):
         if p[:2] == b"BW" and len(p) >= HEADER.size:
-            count = int.from_bytes(p[20:24], "little")
+            count = int.from_bytes(p[_COUNT_AT:HEADER.size], "little")
             if len(p) == HEADER.size + RECORD.itemsize * count:
                 index.append(i)
                 counts.append(count)
