@@ -30,7 +30,7 @@ from ingest.codec import encode_binary
 from ingest.mqtt import INBOX_BYTES
 from simulator import malformed
 from simulator.bench_workers import answering, metric_totals
-from tests.conftest import tool
+from tests.conftest import tool, unavailable
 from tests.helpers import (
     FAULT_SCALE,
     INNOCENT,
@@ -308,6 +308,11 @@ async def test_sqlite_locked_by_another_process_acknowledges_nothing_before_comm
     worker's busy timeout of 10 s, while batches arrive: none is committed and none
     acknowledged. The proof of the second is the worker SIGKILLed just before the lock
     goes: a new worker then finds every batch still in the broker and stores each once."""
+    if broker.kind != "mosquitto":
+        # amqtt 0.12 sends a resumed session none of what a killed client left
+        # unacknowledged (tests/test_delivery.py), and after this run it took no more
+        # publishes within 60 s, failing the tests after it.
+        unavailable(f"redelivery after SIGKILL needs mosquitto; this session runs {broker.kind}")
     lock_s = 30.0 if FAULT_SCALE >= 10 else 12.0
     n = int(500 * min(FAULT_SCALE, 10))
     path = tmp_path / "bw.db"
