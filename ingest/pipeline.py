@@ -11,10 +11,12 @@
     alert       one alert per stolen tag's visit (alerts.engine), outbox row included
     health      heartbeats, status and reads move each station's last-heard time
 
-`Pipeline.process` runs the rest for a group and commits once; only then may the
-caller acknowledge the group's messages to the broker (DESIGN.md decision 3).
-If the transaction fails, the in-memory state is put back as it was, and the
-caller retries the same group: nothing was acknowledged, nothing is lost.
+`Pipeline.decode` decodes a group, with no I/O (outside SQLite's write turn);
+`Pipeline.store` runs the rest and commits once; only then may the caller
+acknowledge the group's messages to the broker (DESIGN.md decision 3). If the
+transaction fails, the in-memory state is put back as it was (what it alerted is
+remembered only once committed), and the caller stores the same decoded group
+again: nothing was acknowledged, nothing is lost.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -97,6 +99,14 @@ class GroupResult:
     rejected_reads: dict[str, int] = field(default_factory=dict)
     alerts: list[RaisedAlert] = field(default_factory=list)
     alert_kinds: dict[str, int] = field(default_factory=dict)
+    # Visits alerted in this transaction, remembered (Pipeline._alerted) once it commits:
+    # remembered before, a failed transaction's alerts were skipped by its retry, and lost.
+    alerted: list[tuple[object, ...]] = field(default_factory=list)
+
+    def copy(self) -> GroupResult:
+        return replace(self, rejected=dict(self.rejected),
+                       rejected_reads=dict(self.rejected_reads), alerts=list(self.alerts),
+                       alert_kinds=dict(self.alert_kinds), alerted=list(self.alerted))
 
 
 @dataclass(slots=True)
@@ -105,6 +115,14 @@ class _Decoded:
     rejects: list[dict[str, object]] = field(default_factory=list)
     heartbeats: list[tuple[str, int]] = field(default_factory=list)
     statuses: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True, frozen=True)
+class Decoded:
+    """A group as `Pipeline.decode` leaves it for `Pipeline.store`."""
+
+    decoded: _Decoded
+    result: GroupResult  # what decoding counted: rejects, repeats within the memory window
 
 
 class Pipeline:
@@ -250,10 +268,20 @@ class Pipeline:
     # -- one transaction -------------------------------------------------------
 
     async def process(self, msgs: list[Inbound]) -> GroupResult:
-        """Decode, write and commit a group. Raises on a database error, with the
-        in-memory state unchanged, so that the caller can retry the same group."""
+        """Decode, write and commit a group (`decode`, then `store`)."""
+        return await self.store(self.decode(msgs))
+
+    def decode(self, msgs: list[Inbound]) -> Decoded:
+        """A group's payloads decoded: no I/O, so no write turn is needed for it (on
+        SQLite the materializer's upserts run meanwhile, in their own thread)."""
         result = GroupResult()
-        decoded = self._decode(msgs, result)
+        return Decoded(self._decode(msgs, result), result)
+
+    async def store(self, group: Decoded) -> GroupResult:
+        """Write and commit a decoded group. Raises on a database error, with the
+        in-memory state unchanged, so that the caller can retry with the same group."""
+        result = group.result.copy()  # a retry starts again from what decoding found
+        decoded = group.decoded
         saved = self.tracker.saved()
         try:
             async with self.engine.begin() as conn:
@@ -266,6 +294,8 @@ class Pipeline:
         except BaseException:
             self.tracker.restore(saved)
             raise
+        for key in result.alerted:
+            self._remember_alerted(key)
         for batch, _, _ in decoded.batches:
             self._seen[batch.key] = None
         while len(self._seen) > self._seen_max:
@@ -400,13 +430,14 @@ class Pipeline:
                 case_id, int(tag[r]), station, key[2], int(snapshot.stolen_at_ms[e]),
                 int(received[r])), self.directory, now, self.late_after_ms, self.vehicles,
                 self.webhooks, self.forecast.next_stations)
-            self._remember_alerted(key)
+            result.alerted.append(key)
             if alert is not None:
                 result.alerts.append(alert)
                 result.alert_kinds[KIND_STOLEN] = result.alert_kinds.get(KIND_STOLEN, 0) + 1
 
     def _remember_alerted(self, key: tuple[object, ...]) -> None:
-        """Visits alerted already, so repeated reads skip the database (which decides)."""
+        """Visits alerted already (committed), so repeated reads skip the database (which
+        decides)."""
         self._alerted[key] = None
         if len(self._alerted) > 100_000:
             self._alerted.popitem(last=False)
@@ -473,7 +504,7 @@ class Pipeline:
                 alert = await raise_flagged(conn, Flagged(
                     kind, tag, station, key[2], int(seg_received[i]), cases.get(n), prev),
                     self.directory, now, self.late_after_ms, self.vehicles, self.webhooks)
-                self._remember_alerted(key)
+                result.alerted.append(key)
                 if alert is not None:
                     result.alerts.append(alert)
                     result.alert_kinds[kind] = result.alert_kinds.get(kind, 0) + 1

@@ -1,8 +1,9 @@
 """`bikewatch serve`: one worker, its tasks and their lifetimes.
 
     Worker.run()  ─ TaskGroup
-        consume     inbox -> Pipeline.split (stolen sightings first) -> Pipeline.process
-                    (one transaction a group) -> outbox -> ack (the whole take)
+        consume     inbox -> Pipeline.split (stolen sightings first) -> Pipeline.decode
+                    -> Pipeline.store (one transaction a group, in the write turn)
+                    -> outbox -> ack (the whole take)
         refresh     registry version poll -> new stolen snapshot and station directory;
                     a case just opened -> its bike's visits since the theft (alerts.lookback)
         outbox      publish committed alerts, mark them published
@@ -230,10 +231,11 @@ class Worker:
     async def _group(self, msgs: list[Inbound]) -> None:
         delay = 0.1
         with self.metrics.group_seconds.time():
+            decoded = self.pipeline.decode(msgs)
             while True:
                 try:
                     async with self._turn:
-                        result = await self.pipeline.process(msgs)
+                        result = await self.pipeline.store(decoded)
                     break
                 except DB_ERRORS as exc:
                     # The database is away: keep the group unacknowledged and try again;
