@@ -99,14 +99,17 @@ class GroupResult:
     rejected_reads: dict[str, int] = field(default_factory=dict)
     alerts: list[RaisedAlert] = field(default_factory=list)
     alert_kinds: dict[str, int] = field(default_factory=dict)
-    # Visits alerted in this transaction, remembered (Pipeline._alerted) once it commits:
-    # remembered before, a failed transaction's alerts were skipped by its retry, and lost.
+    # What this transaction wrote that the pipeline remembers once it commits (remembered
+    # before, a failed transaction's were skipped by its retry, and lost): visits
+    # alerted (Pipeline._alerted), stations recorded as unknown.
     alerted: list[tuple[object, ...]] = field(default_factory=list)
+    unknown_recorded: list[str] = field(default_factory=list)
 
     def copy(self) -> GroupResult:
         return replace(self, rejected=dict(self.rejected),
                        rejected_reads=dict(self.rejected_reads), alerts=list(self.alerts),
-                       alert_kinds=dict(self.alert_kinds), alerted=list(self.alerted))
+                       alert_kinds=dict(self.alert_kinds), alerted=list(self.alerted),
+                       unknown_recorded=list(self.unknown_recorded))
 
 
 @dataclass(slots=True)
@@ -296,6 +299,7 @@ class Pipeline:
             raise
         for key in result.alerted:
             self._remember_alerted(key)
+        self._recorded_unknown.update(result.unknown_recorded)
         for batch, _, _ in decoded.batches:
             self._seen[batch.key] = None
         while len(self._seen) > self._seen_max:
@@ -331,7 +335,7 @@ class Pipeline:
             # PROTOCOL.md section 1: a station that was never imported is recorded as unknown.
             await conn.execute(insert_ignore(conn, Station), [
                 {"id": s, "name": "", "zone": "unassigned", "imported": False} for s in unknown])
-            self._recorded_unknown.update(unknown)
+            result.unknown_recorded += unknown
 
     async def _reads(self, conn: AsyncConnection, batches: list[tuple[ReadBatch, int, bytes]],
                      result: GroupResult) -> None:

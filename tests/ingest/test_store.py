@@ -1,6 +1,7 @@
 """A group is decoded once, outside the write turn, and stored as often as the database
 needs (Pipeline.decode, Pipeline.store): a retried transaction counts everything once,
-and raises the alerts that the failed one had raised and rolled back."""
+and writes again what the failed one had written and rolled back: its alerts, the
+stations it recorded as unknown."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from ingest.broker import BrokerHandle
 from ingest.pipeline import Inbound
-from registry.models import Alert
+from registry.models import Alert, Station
 from tests.helpers import STOLEN
 from tests.ingest.test_express import THEFT_SEEN, Traffic, _worker
 
@@ -50,5 +51,8 @@ async def test_a_retried_group_counts_once(broker: BrokerHandle, tmp_path: Path)
         assert result.rejected == {"bad_binary": 1} and len(result.alerts) == 1
         async with w.engine.connect() as conn:
             assert (await conn.execute(select(func.count()).select_from(Alert))).scalar() == 1
+            unknown = set((await conn.execute(
+                select(Station.id).where(Station.imported.is_(False)))).scalars())
+        assert unknown == {f"X-{i}" for i in range(5)}  # PROTOCOL.md 1: recorded as unknown
     finally:
         await w.engine.dispose()
