@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import logging
 from collections.abc import Callable
 
@@ -448,16 +449,41 @@ def keep_large_buffers_apart() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
 
 
+def freeze_what_started() -> None:
+    """Leave what start-up made out of the collector's full passes (gc.freeze).
+
+    Once the worker is ready some 130,000 objects are alive (modules, SQLAlchemy's
+    and FastAPI's metadata, the app) and stay as long as the process: every full
+    collection walked them all, 86 to 128 ms of the event loop each (measured at
+    8,000 batches/s, 3 or 4 in 12 s), while alerts waited. Frozen, a full pass walks
+    what came after, some 35,000 objects: 20 to 45 ms. What is garbage already is
+    collected first."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     keep_large_buffers_apart()
     engine = await open_database(settings.db_url)
     try:
         worker = Worker(settings, engine)
+        loop = asyncio.get_running_loop()
+        helpers = [loop.create_task(_once_ready(worker, freeze_what_started), name="freeze")]
         if stop is not None:
-            asyncio.get_running_loop().create_task(_relay(stop, worker.stop), name="stop-relay")
-        await worker.run()
+            helpers.append(loop.create_task(_relay(stop, worker.stop), name="stop-relay"))
+        try:
+            await worker.run()
+        finally:
+            for task in helpers:
+                task.cancel()
     finally:
         await engine.dispose()
+
+
+async def _once_ready(worker: Worker, job: Callable[[], None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        await worker.ready.wait()
+        job()
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
