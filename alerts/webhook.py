@@ -26,7 +26,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import httpx
+import aiohttp
 import orjson
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -119,11 +119,12 @@ class WebhookSender:
     async def run(self, stop: asyncio.Event) -> None:
         if not self.receivers:
             return
-        async with httpx.AsyncClient(timeout=self.timeout_s) as http, asyncio.TaskGroup() as tg:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)  # per attempt, all of it
+        async with aiohttp.ClientSession(timeout=timeout) as http, asyncio.TaskGroup() as tg:
             for r in self.receivers:
                 tg.create_task(self._loop(r, http, stop), name=f"webhook-{r.name}")
 
-    async def _loop(self, r: WebhookReceiver, http: httpx.AsyncClient,
+    async def _loop(self, r: WebhookReceiver, http: aiohttp.ClientSession,
                     stop: asyncio.Event) -> None:
         # Results are recorded by a flush of their own, many rows a transaction: on
         # SQLite each transaction waits for the one write lock, behind the hot path, and
@@ -196,19 +197,22 @@ class WebhookSender:
             out.append(due)
         return out
 
-    async def _post(self, r: WebhookReceiver, http: httpx.AsyncClient, row: _Due) -> str | None:
+    async def _post(self, r: WebhookReceiver, http: aiohttp.ClientSession, row: _Due,
+                    ) -> str | None:
         """None when delivered, else what went wrong."""
         ts = self.clock() // 1000
         headers = {"content-type": "application/json", "webhook-id": row.alert_id,
                    "webhook-timestamp": str(ts),
                    "webhook-signature": sign(r, row.alert_id, ts, row.payload)}
         try:
-            answer = await http.post(r.url, content=row.payload.encode(), headers=headers)
-        except httpx.HTTPError as exc:
+            async with http.post(r.url, data=row.payload.encode(), headers=headers) as answer:
+                await answer.read()  # the whole answer, so that the connection is kept
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
-        if 200 <= answer.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {answer.status_code}"
+        return f"HTTP {status}"
 
     async def _record(self, name: str, done: list[tuple[_Due, str | None]]) -> None:
         if not done:

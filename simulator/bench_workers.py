@@ -15,10 +15,10 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 
-import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,11 +31,19 @@ from simulator.report import Report
 StartPublisher = Callable[[BrokerAddress, str, float], "subprocess.Popen[str]"]
 
 
+def _get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
+    """(status, body) of a GET; raises OSError (urllib's errors are ones) for a refused
+    connection, a timeout or a status of 400 and up."""
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=timeout) as answer:
+        return answer.status, answer.read().decode()
+
+
 def metric_totals(ports: list[int], headers: dict[str, str]) -> dict[str, float]:
     """Every sample of the workers' /metrics, summed by name over labels and workers."""
     total: dict[str, float] = {}
     for port in ports:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=5).text
+        _, text = _get(f"http://127.0.0.1:{port}/metrics", headers, 5)
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 total[s.name] = total.get(s.name, 0.0) + s.value
@@ -55,10 +63,9 @@ def answering(ports: list[int], timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if all(httpx.get(f"http://127.0.0.1:{p}/healthz", timeout=2).status_code == 200
-                   for p in ports):
+            if all(_get(f"http://127.0.0.1:{p}/healthz", {}, 2)[0] == 200 for p in ports):
                 return True
-        except httpx.HTTPError:
+        except OSError:  # urllib.error.URLError, HTTPError and socket timeouts among them
             pass
         time.sleep(0.3)
     return False
