@@ -35,6 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import paho.mqtt.client as paho
@@ -214,6 +215,7 @@ class Inbox:
         # still gets in, alone.
         self._max_bytes = max_bytes
         self._held = self._held_bytes = 0
+        self._looked = 0  # messages at the front already looked into (`later`)
         self._room = threading.Condition()
         self.closed = False
         self.waits = 0  # times the network thread waited for room
@@ -258,7 +260,24 @@ class Inbox:
             self._ready.clear()
             await self._ready.wait()
         n = min(most, len(self._items))
+        self._looked = max(0, self._looked - n)
         return [self._items.popleft() for _ in range(n)]
+
+    def later(self) -> tuple[list[Inbound], int]:
+        """What came after the last take, all of it, and where in it begins what no
+        earlier call returned: the consumer looks there for stolen sightings to store
+        out of turn (`stand_in`), with their stations' messages before them."""
+        looked, self._looked = self._looked, len(self._items)
+        return list(self._items), looked
+
+    def stand_in(self, picked: list[int]) -> None:
+        """Take the messages at `picked` (indices into what `later` returned) out of
+        turn, and leave in their places stand-ins marked `stored`: each is acknowledged
+        when its turn comes, as MQTT requires PUBACKs in the order the messages came
+        (3.1.1 and 5, section 4.6), and not stored again. No await may come between
+        `later` and this."""
+        for i in picked:
+            self._items[i] = replace(self._items[i], stored=True)
 
     def release(self, msgs: list[Inbound]) -> None:
         with self._room:

@@ -21,6 +21,7 @@ again: nothing was acknowledged, nothing is lost.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -68,6 +69,8 @@ ROUTES_KEPT = 100_000  # topics remembered (Pipeline._route)
 # least this many messages: a smaller rest takes a few ms, about what a second
 # transaction costs.
 EXPRESS_MIN_REST = 32
+# Messages taken out of turn from the inbox's backlog for its sightings, per group.
+PULL_MOST = 64
 # Every group's statements, built once (registry.sql's note says why).
 _LOG_SEGMENTS = insert(VisitLog)
 _KEEP_REJECTS = insert(RejectRecord)
@@ -83,6 +86,7 @@ class Inbound:
     qos: int
     received_ms: int
     connection: int = 0  # which connection it came on: an ack goes back on that one only
+    stored: bool = False  # stored out of turn already (Inbox.stand_in): only to be acked
 
 
 @dataclass(slots=True)
@@ -238,8 +242,10 @@ class Pipeline:
 
     # -- the express lane ------------------------------------------------------
 
-    def split(self, msgs: list[Inbound]) -> list[list[Inbound]]:
-        """The group as the transactions to run, in this order.
+    def split(self, msgs: list[Inbound], later: Sequence[Inbound] = (), new: int = 0,
+              ) -> tuple[list[list[Inbound]], list[int]]:
+        """The group as the transactions to run, in this order; and which of `later`
+        (messages received after the group, still in the inbox) the first one takes.
 
         The messages of the stations that heard a stolen tag go first, in a
         transaction of their own, so that their alerts wait for them alone and not
@@ -248,21 +254,55 @@ class Pipeline:
         one group may see its reads at the other station folded after newer ones:
         they are then merged as late reads (PROTOCOL.md section 3), and not looked at
         for impossible travel. Binary batches only (ingest.codec.binary_tags): looking
-        into a JSON batch costs its decoding, so it keeps the group's pace."""
+        into a JSON batch costs its decoding, so it keeps the group's pace.
+
+        Behind a backlog, a sighting among `later[new:]` (not looked into before) joins
+        the first transaction too, with its station's messages before it, when they
+        are few (`_pulled`); the caller leaves stand-ins in the inbox for them
+        (`Inbox.stand_in`), acknowledged in their turn."""
         snapshot = self.holder.current
         if len(snapshot) == 0 or len(msgs) <= EXPRESS_MIN_REST:
-            return [msgs]
-        tags, of = binary_tags([m.payload for m in msgs])
+            return [msgs], []
+        n = len(msgs)
+        looked = [*msgs, *later[new:]]
+        tags, of = binary_tags([m.payload for m in looked])
         hit, _ = snapshot.match(tags)
         if not len(hit):
-            return [msgs]
+            return [msgs], []
+        sightings = np.unique(of[hit]).tolist()  # ascending
         station = [self._station(m.topic) for m in msgs]
-        heard = {station[i] for i in np.unique(of[hit]).tolist()}
+        heard = {station[i] for i in sightings if i < n}
+        pulled = self._pulled(later, [i - n + new for i in sightings if i >= n])
+        heard.update(self._station(later[i].topic) for i in pulled)
         express = [m for m, s in zip(msgs, station, strict=True) if s in heard]
         rest = [m for m, s in zip(msgs, station, strict=True) if s not in heard]
+        taken = [later[i] for i in pulled]
         if len(rest) < EXPRESS_MIN_REST:
-            return [msgs]
-        return [express, rest]
+            return [[*msgs, *taken]], pulled
+        return [[*express, *taken], rest], pulled
+
+    @staticmethod
+    def _pulled(later: Sequence[Inbound], sightings: list[int]) -> list[int]:
+        """Which of `later` go out of turn: for each of the `sightings` (indices, in
+        order), the messages of its topic up to it, while all stay within
+        `PULL_MOST`. Behind a deep backlog a station has many messages before its
+        sighting: it then waits for its turn, rather than making the first
+        transaction as long as the groups it would overtake."""
+        wanted = {later[i].topic for i in sightings}
+        at: dict[str, list[int]] = {topic: [] for topic in wanted}
+        for j, m in enumerate(later):
+            if m.topic in wanted:
+                at[m.topic].append(j)
+        upto: dict[str, int] = {}  # topic -> how many of its messages go
+        total = 0
+        for i in sightings:
+            topic = later[i].topic
+            count = bisect.bisect_right(at[topic], i)
+            more = count - upto.get(topic, 0)
+            if total + more <= PULL_MOST:
+                upto[topic] = count
+                total += more
+        return sorted(j for topic, k in upto.items() for j in at[topic][:k])
 
     def _station(self, topic: str) -> str | None:
         route = self._route(topic)

@@ -215,18 +215,23 @@ class Worker:
             # shield it from cancellation, which then takes effect at the next take().
             self.metrics.inflight.set(len(msgs) + len(inbox))
             self._behind_since = msgs[0].received_ms
-            await asyncio.shield(self._groups(msgs, link))
+            await asyncio.shield(self._groups(msgs, link, inbox))
             if not inbox:  # caught up
                 self._behind_since = None
 
-    async def _groups(self, msgs: list[Inbound], link: MqttLink) -> None:
+    async def _groups(self, msgs: list[Inbound], link: MqttLink, inbox: Inbox) -> None:
         """What was taken: stolen sightings first, in a group of their own
-        (Pipeline.split), each group committed and its alerts sent; then all of it
-        acknowledged, in the order received, as MQTT requires of PUBACKs (3.1.1 and 5,
-        section 4.6). Committed and not yet acknowledged, a batch that comes again
-        after a crash is a duplicate."""
-        for group in self.pipeline.split(msgs):
-            await self._group(group)
+        (Pipeline.split), with those of the inbox's backlog, each group committed and
+        its alerts sent; then all of it acknowledged, in the order received, as MQTT
+        requires of PUBACKs (3.1.1 and 5, section 4.6): a sighting taken from the
+        backlog is acknowledged when its stand-in's turn comes. Committed and not yet
+        acknowledged, a batch that comes again after a crash is a duplicate."""
+        todo = [m for m in msgs if not m.stored]
+        groups, pulled = self.pipeline.split(todo, *inbox.later())
+        inbox.stand_in(pulled)
+        for group in groups:
+            if group:
+                await self._group(group)
         link.ack(msgs)
 
     async def _group(self, msgs: list[Inbound]) -> None:

@@ -3,7 +3,9 @@ a group of their own, and what is stored comes out as if the group had been one.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -14,8 +16,8 @@ from sqlalchemy import select
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary, encode_json
-from ingest.mqtt import MqttLink
-from ingest.pipeline import EXPRESS_MIN_REST, Inbound
+from ingest.mqtt import Inbox, MqttLink
+from ingest.pipeline import EXPRESS_MIN_REST, PULL_MOST, Inbound
 from ingest.service import Worker
 from ingest.visitlog import drain
 from registry.db import open_database
@@ -77,26 +79,26 @@ async def test_the_stations_that_heard_a_stolen_tag_go_first(worker: Worker) -> 
     t.crowd(30)
     sighting = t.batch(THEFT_SEEN, [5, STOLEN, 6])
     t.crowd(20)
-    first, rest = worker.pipeline.split(t.msgs)
+    (first, rest), pulled = worker.pipeline.split(t.msgs)
     assert first == [before, sighting]  # the station's batches, in order
-    assert rest == [m for m in t.msgs if m not in first]
+    assert rest == [m for m in t.msgs if m not in first] and pulled == []
 
 
 async def test_one_group_where_the_lane_would_not_pay(worker: Worker) -> None:
     t = _town(worker)
     t.crowd(EXPRESS_MIN_REST - 1)
     t.batch(THEFT_SEEN, [STOLEN])
-    assert worker.pipeline.split(t.msgs) == [t.msgs]  # the rest is quick anyway
+    assert worker.pipeline.split(t.msgs) == ([t.msgs], [])  # the rest is quick anyway
     t.crowd(1)
-    assert len(worker.pipeline.split(t.msgs)) == 2
+    assert len(worker.pipeline.split(t.msgs)[0]) == 2
     quiet = _town(worker)
     quiet.crowd(80)
-    assert worker.pipeline.split(quiet.msgs) == [quiet.msgs]  # nothing stolen heard
+    assert worker.pipeline.split(quiet.msgs) == ([quiet.msgs], [])  # nothing stolen heard
     text = _town(worker)
     text.crowd(40)
     text.batch(THEFT_SEEN, [STOLEN], json=True)
     text.crowd(40)
-    assert worker.pipeline.split(text.msgs) == [text.msgs]  # JSON keeps the group's pace
+    assert worker.pipeline.split(text.msgs) == ([text.msgs], [])  # JSON keeps the pace
 
 
 class _Acks:
@@ -109,6 +111,21 @@ class _Acks:
         self.acked.append(list(msgs))
 
 
+def _inbox(msgs: list[Inbound]) -> Inbox:
+    """An inbox holding `msgs`, as the network thread would have left it."""
+    inbox = Inbox(asyncio.get_running_loop(), 10_000)
+    for m in msgs:
+        inbox.put_threadsafe(m)
+    return inbox
+
+
+def _alerts_sent(w: Worker) -> list[int]:
+    """The received time of every alert the worker delivers from now on."""
+    sent: list[int] = []
+    w._deliver = lambda alerts: sent.extend(a.received_ms for a in alerts)  # type: ignore[method-assign]
+    return sent
+
+
 async def test_acknowledged_together_in_the_order_received(worker: Worker) -> None:
     """The sighting is committed and its alert sent first, yet PUBACKs keep the order
     the messages came in (MQTT section 4.6), after both groups are committed."""
@@ -116,12 +133,41 @@ async def test_acknowledged_together_in_the_order_received(worker: Worker) -> No
     t.crowd(20)
     t.batch(THEFT_SEEN, [STOLEN])
     t.crowd(40)
-    sent: list[int] = []
-    worker._deliver = lambda alerts: sent.extend(a.received_ms for a in alerts)  # type: ignore[method-assign]
+    sent = _alerts_sent(worker)
     acks = _Acks()
-    await worker._groups(t.msgs, cast(MqttLink, acks))
+    inbox = _inbox(t.msgs)
+    await worker._groups(await inbox.take(len(t.msgs)), cast(MqttLink, acks), inbox)
     assert acks.acked == [t.msgs]
     assert sent == [t.msgs[20].received_ms]
+
+
+async def test_a_sighting_in_the_backlog_goes_first_and_is_acknowledged_in_turn(
+        worker: Worker) -> None:
+    """A sighting still in the inbox, behind the take, is stored with the take's first
+    transaction, with its station's earlier messages; stand-ins hold their places, and
+    are acknowledged in their turn, not stored again."""
+    t = _town(worker)
+    t.crowd(40)                    # 0-39: the take
+    t.batch(THEFT_SEEN, [5])       # 40: the theft station, before the sighting
+    t.crowd(10)                    # 41-50
+    t.batch(THEFT_SEEN, [STOLEN])  # 51: the sighting
+    t.batch(THEFT_SEEN, [6])       # 52: after it: stays in its turn
+    t.crowd(10)                    # 53-62
+    sent = _alerts_sent(worker)
+    acks = _Acks()
+    inbox = _inbox(t.msgs)
+    await worker._groups(await inbox.take(40), cast(MqttLink, acks), inbox)
+    assert sent == [t.msgs[51].received_ms]  # alerted with the take before its own
+    assert acks.acked == [t.msgs[:40]]
+    behind = await inbox.take(100)
+    assert [m.stored for m in behind] == [i in (40, 51) for i in range(40, 63)]
+    assert [replace(m, stored=False) for m in behind] == t.msgs[40:]
+    await worker._groups(behind, cast(MqttLink, acks), inbox)
+    assert acks.acked[1] == behind and len(sent) == 1
+    assert worker.registry.get_sample_value("bikewatch_duplicate_batches_total") == 0
+    assert worker.registry.get_sample_value("bikewatch_batches_total") == len(t.msgs)
+    visits, _ = await _stored(worker)
+    assert {v[0] for v in visits if v[1] == THEFT_SEEN} == {5, STOLEN, 6}
 
 
 async def _stored(w: Worker) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
@@ -156,7 +202,7 @@ async def test_split_stores_what_one_group_stores(broker: BrokerHandle, tmp_path
             retopic = [Inbound(m.topic.replace(whole.settings.mqtt_root,
                                                split.settings.mqtt_root), m.payload, m.mid,
                                m.qos, m.received_ms) for m in msgs]
-            groups = split.pipeline.split(retopic)
+            groups, _ = split.pipeline.split(retopic)
             assert len(groups) == 2 and len(groups[0]) == 3
             for group in groups:
                 await split.pipeline.process(group)
@@ -166,3 +212,40 @@ async def test_split_stores_what_one_group_stores(broker: BrokerHandle, tmp_path
     finally:
         await whole.engine.dispose()
         await split.engine.dispose()
+
+
+async def test_the_stations_earlier_messages_come_along_even_when_looked_at_before(
+        worker: Worker) -> None:
+    """A station's messages before its sighting go with it, those that an earlier take
+    looked into (and found nothing) too: otherwise they would fold after newer reads."""
+    t = _town(worker)
+    t.crowd(80)                   # 0-79: two takes of 40
+    t.crowd(20)                   # 80-99
+    earlier = t.batch(THEFT_SEEN, [5])  # 100: looked at with the first take, no sighting
+    t.crowd(40)                   # 101-140
+    inbox = _inbox(t.msgs)
+    sent = _alerts_sent(worker)
+    acks = _Acks()
+    await worker._groups(await inbox.take(40), cast(MqttLink, acks), inbox)
+    t.batch(THEFT_SEEN, [STOLEN, 5])    # 141: arrives while the first take is stored
+    inbox.put_threadsafe(t.msgs[-1])
+    await worker._groups(await inbox.take(40), cast(MqttLink, acks), inbox)
+    assert sent == [t.msgs[141].received_ms]
+    rest = await inbox.take(200)
+    assert [m.received_ms for m in rest if m.stored] == [earlier.received_ms,
+                                                          t.msgs[141].received_ms]
+
+
+async def test_a_deep_backlog_keeps_its_order(worker: Worker) -> None:
+    """A sighting with more than PULL_MOST of its station's messages before it waits for
+    its turn."""
+    t = _town(worker)
+    t.crowd(40)
+    for _ in range(PULL_MOST):
+        t.batch(THEFT_SEEN, [5])
+    t.batch(THEFT_SEEN, [STOLEN])
+    inbox = _inbox(t.msgs)
+    sent = _alerts_sent(worker)
+    await worker._groups(await inbox.take(40), cast(MqttLink, _Acks()), inbox)
+    assert sent == []
+    assert not any(m.stored for m in await inbox.take(1000))
