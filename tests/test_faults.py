@@ -257,8 +257,11 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
     not taken yet is queued in the broker when it restarts: after the restart the
     worker (never restarted) takes every batch, once, and the traffic goes on.
 
-    The worker's Receive Maximum is kept small (100), so the queue is the broker's and
-    not in the worker's inbox: it must come back from the broker's persistence file."""
+    The worker's Receive Maximum is kept small (100), and another process holds
+    SQLite's write lock while the burst comes (8 s, within the worker's busy timeout),
+    so the queue is the broker's and not in the worker's inbox: it must come back
+    from the broker's persistence file. (Without the lock a worker that kept up left
+    nothing queued.)"""
     scale = min(FAULT_SCALE, 10)  # 1,000,000 reads at full size
     n1, n2 = int(3_000 * scale), int(1_000 * scale)
     data = tmp_path / "mosquitto"
@@ -269,10 +272,15 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
     run = await fault_run({"BIKEWATCH_MQTT_URL": f"mqtt://127.0.0.1:{port}"}, db, "restart", 4,
                           BIKEWATCH_GROUP_MESSAGES="20", BIKEWATCH_RECEIVE_MAXIMUM="100")
     worker = await asyncio.to_thread(serve_process, run.env)
+    holder = None
     try:
         assert await asyncio.to_thread(answering, [run.http], 30)
         await asyncio.sleep(1.5)  # subscribed: its persistent session exists
         run.pub.connect()
+        holder = await asyncio.to_thread(
+            subprocess.Popen, [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "bw.db"), "8"],
+            stdout=subprocess.PIPE)
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
         await asyncio.to_thread(run.send, n1)
         queued_at_restart = n1 - (await stored_counts(db))[0]
         mqtt.send_signal(signal.SIGTERM)  # a restart: it saves its queues and goes
@@ -293,6 +301,8 @@ async def test_the_broker_restarted_mid_run_loses_nothing_and_the_worker_goes_on
         log = (data / "mosquitto.log").read_text()
         assert "Saving in-memory database" in log and "Error" not in log
     finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
         run.pub.close()
         worker.terminate()
         await asyncio.to_thread(worker.wait, 15)
