@@ -117,19 +117,16 @@ class GroupResult:
 
 
 @dataclass(slots=True)
-class _Decoded:
+class Decoded:
+    """A group as `Pipeline.decode` leaves it for `Pipeline.store`."""
+
     batches: list[tuple[ReadBatch, int, bytes]] = field(default_factory=list)
     rejects: list[dict[str, object]] = field(default_factory=list)
     heartbeats: list[tuple[str, int]] = field(default_factory=list)
     statuses: list[tuple[str, str, int]] = field(default_factory=list)
-
-
-@dataclass(slots=True, frozen=True)
-class Decoded:
-    """A group as `Pipeline.decode` leaves it for `Pipeline.store`."""
-
-    decoded: _Decoded
-    result: GroupResult  # what decoding counted: rejects, repeats within the memory window
+    # What decoding counted (rejects, repeats within the memory window): each attempt
+    # to store starts from a copy of it.
+    counted: GroupResult = field(default_factory=GroupResult)
 
 
 class Pipeline:
@@ -163,8 +160,11 @@ class Pipeline:
 
     # -- decode: pure, no I/O -------------------------------------------------
 
-    def _decode(self, msgs: list[Inbound], result: GroupResult) -> _Decoded:
-        out = _Decoded()
+    def decode(self, msgs: list[Inbound]) -> Decoded:
+        """A group's payloads decoded: no I/O, so no write turn is needed for it (on
+        SQLite the materializer's upserts run meanwhile, in their own thread)."""
+        out = Decoded()
+        result = out.counted
         keys: set[tuple[str, int, int]] = set()
         reads: list[tuple[Inbound, str]] = []
         for m in msgs:
@@ -222,7 +222,7 @@ class Pipeline:
         return route
 
     @staticmethod
-    def _reject_reads(out: _Decoded, result: GroupResult, m: Inbound, station: str,
+    def _reject_reads(out: Decoded, result: GroupResult, m: Inbound, station: str,
                       batch: ReadBatch) -> None:
         for reason, count in ((Reason.BAD_TAG, batch.bad_tag),
                               (Reason.BAD_VALUE, batch.bad_value)):
@@ -234,7 +234,7 @@ class Pipeline:
                     result.rejected_reads.get(reason.value, 0) + count)
 
     @staticmethod
-    def _reject(out: _Decoded, result: GroupResult, m: Inbound, station: str,
+    def _reject(out: Decoded, result: GroupResult, m: Inbound, station: str,
                 rej: Rejected) -> None:
         out.rejects.append(_reject_row(m, station, rej.reason, 0, rej.detail, rej.boot,
                                        rej.seq))
@@ -314,17 +314,10 @@ class Pipeline:
         """Decode, write and commit a group (`decode`, then `store`)."""
         return await self.store(self.decode(msgs))
 
-    def decode(self, msgs: list[Inbound]) -> Decoded:
-        """A group's payloads decoded: no I/O, so no write turn is needed for it (on
-        SQLite the materializer's upserts run meanwhile, in their own thread)."""
-        result = GroupResult()
-        return Decoded(self._decode(msgs, result), result)
-
-    async def store(self, group: Decoded) -> GroupResult:
+    async def store(self, decoded: Decoded) -> GroupResult:
         """Write and commit a decoded group. Raises on a database error, with the
         in-memory state unchanged, so that the caller can retry with the same group."""
-        result = group.result.copy()  # a retry starts again from what decoding found
-        decoded = group.decoded
+        result = decoded.counted.copy()  # a retry starts again from what decoding found
         saved = self.tracker.saved()
         try:
             async with self.engine.begin() as conn:
@@ -356,7 +349,7 @@ class Pipeline:
         result.duplicates += len(batches) - len(fresh)
         return fresh
 
-    async def _stations(self, conn: AsyncConnection, decoded: _Decoded,
+    async def _stations(self, conn: AsyncConnection, decoded: Decoded,
                         batches: list[tuple[ReadBatch, int, bytes]], result: GroupResult) -> None:
         for station, text, at in decoded.statuses:
             self.health.status(station, text, at)

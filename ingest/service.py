@@ -473,7 +473,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     try:
         worker = Worker(settings, engine)
         loop = asyncio.get_running_loop()
-        helpers = [loop.create_task(_once_ready(worker, freeze_what_started), name="freeze")]
+        helpers = [loop.create_task(_freeze_once_ready(worker), name="freeze")]
         if stop is not None:
             helpers.append(loop.create_task(_relay(stop, worker.stop), name="stop-relay"))
         try:
@@ -485,10 +485,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await engine.dispose()
 
 
-async def _once_ready(worker: Worker, job: Callable[[], None]) -> None:
+async def _freeze_once_ready(worker: Worker) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await worker.ready.wait()
-        job()
+        freeze_what_started()
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
