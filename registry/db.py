@@ -65,8 +65,10 @@ def _sqlite_begin(conn: Any) -> None:
     # snapshot conflict); the worker, the materializer and the CLI all do that.
     # A transaction that only reads (`reading`) has no such conflict, and must not
     # queue behind a writer.
+    # It goes with the transaction's first statement, in one trip (registry.sqlite_driver).
     read_only = conn.get_execution_options().get("bikewatch_read_only", False)
-    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+    sqlite_driver.begin_with_next(conn.connection.dbapi_connection,
+                                  "BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 _NO_TURN: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()

@@ -10,9 +10,14 @@ statements, COMMIT) made three or four trips for each statement where one
 will do.
 
 Here a statement is one function run in that thread: cursor, execute, fetch,
-close. Everything else (the pool, BEGIN, COMMIT, errors) is SQLAlchemy's
-aiosqlite dialect, unchanged; `registry.db.create_engine` passes `DBAPI` as
-the engine's module. It leans on two names that are not public:
+close. A transaction's BEGIN goes in the same trip as its first statement
+(`begin_with_next`), and a COMMIT or ROLLBACK with no transaction open makes
+no trip: the pool's rollback of every connection given back after a commit
+did, and SQLite had nothing to roll back. A group of the hot path was five
+trips (BEGIN, the dedupe keys, the visit log, COMMIT, that rollback); it is
+three. Everything else (the pool, COMMIT, errors) is SQLAlchemy's aiosqlite
+dialect, unchanged; `registry.db.create_engine` passes `DBAPI` as the
+engine's module. It leans on two names that are not public:
 `aiosqlite.Connection._execute` (how aiosqlite's own cursor runs its calls)
 and the adapter's `_cursor_cls`; tests/registry/test_sqlite_driver.py fails
 if either stops being used.
@@ -34,10 +39,12 @@ from sqlalchemy.util import EMPTY_DICT
 
 
 def _run(conn: sqlite3.Connection, method: str, operation: Any, parameters: Any,
-         ) -> tuple[Any, list[Any], int, int | None]:
-    """A whole statement, in the connection's thread."""
+         begin: str | None) -> tuple[Any, list[Any], int, int | None]:
+    """A whole statement, in the connection's thread; `begin` first, where given."""
     cur = conn.cursor()
     try:
+        if begin is not None:
+            cur.execute(begin)
         if parameters is None:
             getattr(cur, method)(operation)
         else:
@@ -91,9 +98,11 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     async def _statement(self, method: str, operation: Any, parameters: Any) -> None:
         conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-        async with self._adapt_connection._execute_mutex:
+        adapt: _Connection = self._adapt_connection  # type: ignore[assignment]
+        async with adapt._execute_mutex:
+            begin, adapt.begin = adapt.begin, None
             description, rows, self._rowcount, self._lastrowid = await conn._execute(  # type: ignore[no-untyped-call]
-                _run, conn._conn, method, operation, parameters)
+                _run, conn._conn, method, operation, parameters, begin)
         self._description = description
         self._rows = collections.deque(rows)
 
@@ -105,8 +114,36 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
 
 class _Connection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ()
+    __slots__ = ("begin",)
     _cursor_cls = OneTripCursor  # type: ignore[assignment]
+
+    def __init__(self, dbapi: Any, connection: Any) -> None:
+        super().__init__(dbapi, connection)
+        self.begin: str | None = None  # run before the next statement, in its trip
+
+    def _open(self) -> bool:
+        """Whether SQLite has a transaction open on this connection (it knows without
+        a trip: sqlite3 reads its autocommit flag). Forgets a BEGIN not run yet."""
+        self.begin = None
+        sqlite = self._connection._connection  # None once closed
+        try:
+            return sqlite is not None and sqlite.in_transaction
+        except sqlite3.ProgrammingError:  # a Python that checks the thread here: ask SQLite
+            return True
+
+    def rollback(self) -> None:
+        if self._open():
+            super().rollback()
+
+    def commit(self) -> None:
+        if self._open():
+            super().commit()
+
+
+def begin_with_next(dbapi_connection: Any, begin: str) -> None:
+    """Run `begin` (BEGIN or BEGIN IMMEDIATE) in the same trip as the connection's
+    next statement. SQLAlchemy's "begin" event calls this."""
+    dbapi_connection.begin = begin
 
 
 class _DBAPI(AsyncAdapt_aiosqlite_dbapi):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,43 @@ async def test_a_statement_is_one_trip(lite: AsyncEngine, trips: list[Any]) -> N
         assert len(trips) == 2  # executemany too
         assert isinstance(conn.sync_connection.connection.dbapi_connection.cursor(),  # type: ignore[union-attr]
                           OneTripCursor)
+
+
+async def test_a_transaction_begins_in_its_first_statements_trip(
+        lite: AsyncEngine, trips: list[Any]) -> None:
+    async with lite.begin() as conn:
+        await conn.execute(text("CREATE TABLE t (a INTEGER)"))
+    trips.clear()
+    async with lite.begin() as conn:
+        await conn.execute(text("INSERT INTO t VALUES (1)"))
+        assert len(trips) == 1  # BEGIN IMMEDIATE and the insert
+        # ... and the write lock is taken: another connection cannot write meanwhile
+        other = sqlite3.connect(lite.url.database or "", timeout=0)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()
+    assert [getattr(f, "__name__", "") for f in trips] == ["_run", "commit"]
+    trips.clear()
+    async with lite.connect() as conn:  # reads: BEGIN with the select, one rollback
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
+    assert [getattr(f, "__name__", "") for f in trips] == ["_run", "rollback"]
+
+
+async def test_ending_a_transaction_that_ran_nothing_makes_no_trip(
+        lite: AsyncEngine, trips: list[Any]) -> None:
+    async with lite.begin() as conn:
+        await conn.execute(text("CREATE TABLE t (a INTEGER)"))
+    trips.clear()
+    async with lite.begin():
+        pass
+    async with lite.connect() as conn:
+        await conn.rollback()
+    assert trips == []
+    async with lite.begin() as conn:  # the BEGIN not run then does not linger
+        await conn.execute(text("INSERT INTO t VALUES (1)"))
+        await conn.rollback()
+    async with lite.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 0
 
 
 async def test_results_read_as_they_do_through_the_stock_adapter(lite: AsyncEngine) -> None:
