@@ -241,24 +241,6 @@ def police_main(argv: list[str]) -> None:
     print(json.dumps(arrived), flush=True)
 
 
-class _Police:
-    """A police subscriber process (`police_main`) on `root`'s alerts."""
-
-    def __init__(self, broker: BrokerAddress, root: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "simulator.bench", "police", "--port", str(broker.port),
-             "--root", root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            self.proc.kill()
-            raise RuntimeError("the police subscriber did not subscribe")
-
-    def arrived(self) -> dict[str, int]:
-        """Stop it: alert_id -> when it arrived, wall-clock ms."""
-        out, _ = self.proc.communicate(timeout=30)
-        return dict(json.loads(out))
-
-
 def _start_publisher(broker: BrokerAddress, root: str, seconds: float, fmt: str = "binary",
                      rate: float = 0, stolen_every: int = 0,
                      stolen_tags: int = 1) -> subprocess.Popen[str]:
@@ -316,35 +298,56 @@ async def _bare_aiomqtt(broker: BrokerAddress, root: str, seconds: float) -> flo
     return count / seconds
 
 
-class _WebhookTimer:
-    """A police webhook on loopback that notes when each alert arrives."""
+def webhook_main(argv: list[str]) -> None:
+    """A police webhook on loopback: print "ready <port>" once listening and, when stdin
+    closes, when each alert arrived (webhook-id -> wall-clock ms) as one JSON object. A
+    process of its own, as the police subscriber is: a receiver in the worker's process
+    shares the worker's interpreter lock, and the time it noted an alert included its
+    wait for that lock, which no police system's server has."""
+    del argv
+    arrived: dict[str, int] = {}
 
-    def __init__(self) -> None:
-        self.arrived: dict[str, int] = {}
-        arrived = self.arrived
+    class Handler(BaseHTTPRequestHandler):
+        # Keeps the connection open between requests, as a police system's web server
+        # would: with HTTP/1.0 each alert paid for a new TCP connection.
+        protocol_version = "HTTP/1.1"
 
-        class Handler(BaseHTTPRequestHandler):
-            # Keeps the connection open between requests, as a police system's web
-            # server would: with HTTP/1.0 each alert paid for a new TCP connection.
-            protocol_version = "HTTP/1.1"
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            arrived.setdefault(self.headers["webhook-id"], wall_ms())
+            self.send_response(204)
+            self.send_header("content-length", "0")
+            self.end_headers()
 
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                arrived.setdefault(self.headers["webhook-id"], wall_ms())
-                self.send_response(204)
-                self.send_header("content-length", "0")
-                self.end_headers()
+        def log_message(self, *_: object) -> None:
+            pass
 
-            def log_message(self, *_: object) -> None:
-                pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(f"ready {server.server_address[1]}", flush=True)
+    sys.stdin.read()  # until the bench closes it
+    server.shutdown()
+    server.server_close()
+    print(json.dumps(arrived), flush=True)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+class _Receiver:
+    """A process of `simulator.bench` that reports when each alert reached it: the
+    police subscriber (`police_main`) or the police webhook (`webhook_main`)."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "simulator.bench", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        ready, *self.said = self.proc.stdout.readline().split()
+        if ready != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"{args[0]} receiver did not start")
+
+    def arrived(self) -> dict[str, int]:
+        """Stop it: alert_id -> when it arrived, wall-clock ms."""
+        out, _ = self.proc.communicate(timeout=30)
+        return dict(json.loads(out))
 
 
 @dataclass(slots=True)
@@ -363,7 +366,7 @@ class WorkerRun:
 
 async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: float = 0,
                       stolen_every: int = 0, db_url: str | None = None,
-                      open_cases: int = 1, webhook: _WebhookTimer | None = None,
+                      open_cases: int = 1, webhook: _Receiver | None = None,
                       sample_s: float = 0) -> WorkerRun:
     """One worker in this process, fed by the publisher process for `seconds`. With
     `sample_s`, memory is also sampled and printed every `sample_s` seconds (`_memory`)."""
@@ -377,8 +380,8 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
 
     with tempfile.TemporaryDirectory() as tmp:
         root = f"bench{uuid.uuid4().hex[:6]}"
-        hooks = ("[]" if webhook is None else
-                 f'[{{"name": "bench", "url": "{webhook.url}", "secrets": ["whsec_YmVuY2g="]}}]')
+        hooks = ("[]" if webhook is None else f'[{{"name": "bench", "url": '
+                 f'"http://127.0.0.1:{webhook.said[0]}/", "secrets": ["whsec_YmVuY2g="]}}]')
         settings = Settings.load(None, broker.settings_overrides() | {
             "BIKEWATCH_DB_URL": db_url or f"sqlite+aiosqlite:///{tmp}/b.db",
             "BIKEWATCH_MQTT_ROOT": root,
@@ -405,7 +408,8 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
         def reads() -> float:
             return worker.registry.get_sample_value("bikewatch_reads_total") or 0.0
 
-        police = None if webhook is None else await asyncio.to_thread(_Police, broker, root)
+        police = None if webhook is None else await asyncio.to_thread(
+            _Receiver, "police", "--port", str(broker.port), "--root", root)
         pub = _start_publisher(broker, root, seconds + 2, fmt, rate, stolen_every, open_cases)
         await asyncio.sleep(1.0)  # warm up
         r0, t0 = reads(), time.monotonic()
@@ -425,8 +429,8 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
             async with engine.connect() as conn:
                 received = dict((await conn.execute(
                     select(Alert.alert_id, Alert.received_ms))).all())
-            run.webhook_ms = [t - received[a] for a, t in webhook.arrived.items()
-                              if a in received]
+            run.webhook_ms = [t - received[a] for a, t in
+                              (await asyncio.to_thread(webhook.arrived)).items() if a in received]
             run.police_ms = [t - received[a] for a, t in
                              (await asyncio.to_thread(police.arrived)).items() if a in received]
         worker.stop.set()
@@ -530,13 +534,14 @@ async def bench_e2e(seconds: float, soak: float, db_url: str | None, report: Rep
             if fmt == "binary":
                 top = rate / READS_PER_BATCH
         half = top / 2
-        timer = _WebhookTimer()
+        webhook = _Receiver("webhook")
         try:
             timed = await _worker_run(broker, seconds, "binary", rate=half,
                                       stolen_every=STATIONS + 1, db_url=db_url,
-                                      open_cases=OPEN_CASES, webhook=timer)
+                                      open_cases=OPEN_CASES, webhook=webhook)
         finally:
-            timer.close()
+            if webhook.proc.poll() is None:
+                webhook.proc.kill()
         print(f"alert latency at half load ({half:,.0f} batches/s, {OPEN_CASES:,} open cases), "
               "read received to:")
         for channel, ms in (("MQTT PUBACK", timed.alert_ms),
@@ -598,3 +603,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["publish"]:
     publish_main(sys.argv[2:])
 elif __name__ == "__main__" and sys.argv[1:2] == ["police"]:
     police_main(sys.argv[2:])
+elif __name__ == "__main__" and sys.argv[1:2] == ["webhook"]:
+    webhook_main(sys.argv[2:])

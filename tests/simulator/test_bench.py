@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
-from simulator.bench import _Police, run_soak
+from simulator.bench import _Receiver, run_soak
 
 
 def test_bench_quick_prints_matching_and_decode_tables(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_the_police_subscriber_notes_when_each_alert_arrived(broker: BrokerHandl
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    police = _Police(broker.address(), "policetest")
+    police = _Receiver("police", "--port", str(broker.port), "--root", "policetest")
     pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="police-test-pub")
     pub.username_pw_set("bikewatch", "bikewatch")
     pub.connect("127.0.0.1", broker.port)
@@ -60,3 +60,20 @@ def test_the_police_subscriber_notes_when_each_alert_arrived(broker: BrokerHandl
     arrived = police.arrived()
     assert set(arrived) == {"A0", "A1"}
     assert all(before <= t <= wall_ms() for t in arrived.values())
+
+
+def test_the_webhook_receiver_notes_when_each_alert_arrived() -> None:
+    import urllib.request
+
+    webhook = _Receiver("webhook")
+    before = wall_ms()
+    for alert_id in ("A0", "A1", "A0"):  # a retry keeps the first arrival
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{webhook.said[0]}/", data=b"{}", method="POST",
+            headers={"webhook-id": alert_id, "content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.status == 204
+    after = wall_ms()
+    arrived = webhook.arrived()
+    assert set(arrived) == {"A0", "A1"}
+    assert before <= arrived["A0"] <= arrived["A1"] <= after
