@@ -54,6 +54,18 @@ class Segments:
         return len(self.tag)
 
 
+@dataclass(slots=True, frozen=True)
+class Saved:
+    """The open visits' columns at `VisitTracker.saved`, and what was written over in
+    them since."""
+
+    tag: U64
+    station: I32
+    first: I64
+    last: I64
+    undo: list[tuple[np.ndarray, ...]]
+
+
 class VisitTracker:
     """The open visits of every tag heard recently, as sorted columns."""
 
@@ -66,6 +78,7 @@ class VisitTracker:
         self._last: I64 = np.empty(0, np.int64)
         self._names: list[str] = []           # station index -> id, shared across groups
         self._index: dict[str, int] = {}
+        self._undo: list[tuple[np.ndarray, ...]] | None = None  # since `saved`, if called
 
     def __len__(self) -> int:
         return len(self._tag)
@@ -137,13 +150,12 @@ class VisitTracker:
         hit = np.zeros(len(tag), dtype=np.bool_)
         hit[inside] = self._tag[pos[inside]] == tag[inside]
         hp = pos[hit]
-        # Copies, not in-place writes: `saved()` hands out the old arrays, so a
-        # group whose transaction fails can put them back.
-        self._station, self._first, self._last = (
-            self._station.copy(), self._first.copy(), self._last.copy())
+        if self._undo is not None:  # in place, so what these rows held is kept (`saved`)
+            self._undo.append((self._station, self._first, self._last, hp,
+                               self._station[hp], self._first[hp], self._last[hp]))
         self._station[hp], self._first[hp], self._last[hp] = station[hit], first[hit], last[hit]
         new = ~hit
-        if new.any():
+        if new.any():  # new arrays: the ones `saved` handed out keep their rows
             at = pos[new]
             self._tag = np.insert(self._tag, at, tag[new])
             self._station = np.insert(self._station, at, station[new])
@@ -153,11 +165,20 @@ class VisitTracker:
             self.prune(int(np.partition(self._last, len(self._last) - self.capacity)
                            [len(self._last) - self.capacity]) + self.gap_ms)
 
-    def saved(self) -> tuple[U64, I32, I64, I64]:
-        return self._tag, self._station, self._first, self._last
+    def saved(self) -> Saved:
+        """The open visits as they are, for `restore` to put back (a group whose
+        transaction failed). Folds since write in place and note what they overwrote,
+        only since the last call: copying the columns instead cost every group
+        0.6 ms at 64,000 open visits, growing with the town."""
+        self._undo = []
+        return Saved(self._tag, self._station, self._first, self._last, self._undo)
 
-    def restore(self, saved: tuple[U64, I32, I64, I64]) -> None:
-        self._tag, self._station, self._first, self._last = saved
+    def restore(self, saved: Saved) -> None:
+        for station, first, last, at, was_station, was_first, was_last in reversed(saved.undo):
+            station[at], first[at], last[at] = was_station, was_first, was_last
+        saved.undo.clear()
+        self._tag, self._station, self._first, self._last = (
+            saved.tag, saved.station, saved.first, saved.last)
 
     def prune(self, now_ms: int) -> None:
         """Forget visits that ended (unheard for the gap) by `now_ms`, in reads' time."""

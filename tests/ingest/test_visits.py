@@ -93,3 +93,19 @@ class TestFold:
             tr.fold(tags, np.zeros(1000, np.int32), np.full(1000, g * 100_000, np.int64),
                     np.zeros(1000, np.int8))
             assert len(tr) <= 1000
+
+    def test_restore_puts_back_the_open_visits_as_saved(self) -> None:
+        """What a group whose transaction failed had folded is undone, both the visits
+        it moved on (written in place) and the tags it added (new columns)."""
+        tr = VisitTracker(GAP)
+        _fold(tr, [(1, "A", 0), (2, "A", 0), (5, "A", 0)])
+        saved = tr.saved()
+        _fold(tr, [(1, "B", 70_000), (3, "A", 70_000)])  # 1 moves on, 3 is new
+        _fold(tr, [(2, "B", 80_000), (5, "A", 90_000)])  # in place on the new columns
+        tr.restore(saved)
+        assert len(tr) == 3
+        # Each visit is still open as the first fold left it: reads at A continue it.
+        again = _fold(tr, [(1, "A", 30_000), (2, "A", 30_000), (5, "A", 30_000),
+                           (3, "A", 30_000)])
+        assert again == [(1, "A", 0, 30_000, 1), (2, "A", 0, 30_000, 1),
+                         (3, "A", 30_000, 30_000, 1), (5, "A", 0, 30_000, 1)]
