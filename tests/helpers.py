@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import subprocess
 import sys
@@ -147,9 +148,14 @@ def publisher(settings: Settings) -> StationPublisher:
 
 
 async def until(predicate: object, timeout: float = 10.0) -> bool:
+    """True once `predicate()` is (awaited, where it returns an awaitable); False at the
+    timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        ok = predicate()  # type: ignore[operator]
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
             return True
         await asyncio.sleep(0.02)
     return False
