@@ -47,12 +47,14 @@ class Report:
         Path(path).write_text(json.dumps(self.as_json(), indent=2) + "\n")
 
     def table(self) -> str:
-        lines = [f"{'figure':<58} {'value':>12} {'unit':<9} {'baseline':>12}  ratio  "
+        labels = [f"{f.section}: {f.name}" for f in self.figures]
+        wide = max(map(len, labels), default=6)  # whole labels: cut, two read the same
+        lines = [f"{'figure':<{wide}} {'value':>12} {'unit':<9} {'baseline':>12}  ratio  "
                  "baseline is"]
-        for f in self.figures:
+        for label, f in zip(labels, self.figures, strict=True):
             base = "" if f.baseline is None else _num(f.baseline)
             ratio = "" if f.ratio is None else f"{f.ratio:.2f}"
-            lines.append(f"{f.section + ': ' + f.name:<58.58} {_num(f.value):>12} "
+            lines.append(f"{label:<{wide}} {_num(f.value):>12} "
                          f"{f.unit:<9} {base:>12} {ratio:>6}  {f.baseline_name}")
         return "\n".join(lines)
 
