@@ -170,6 +170,25 @@ async def test_a_sighting_in_the_backlog_goes_first_and_is_acknowledged_in_turn(
     assert {v[0] for v in visits if v[1] == THEFT_SEEN} == {5, STOLEN, 6}
 
 
+async def test_a_sighting_pulled_into_a_take_of_one_group_is_stored_with_it(
+        worker: Worker) -> None:
+    """Where the rest is too short for a group of its own, the take is one group, and a
+    sighting from the backlog is stored in it (a stand-in holds its place)."""
+    t = _town(worker)
+    t.crowd(EXPRESS_MIN_REST - 2)
+    for _ in range(10):
+        t.batch(THEFT_SEEN, [5])
+    t.batch(THEFT_SEEN, [STOLEN])         # the take's sighting: its station, 11 messages
+    t.now += 120_000
+    backlog = t.batch("SP-0042", [STOLEN])  # in the backlog, at the next station
+    inbox = _inbox(t.msgs)
+    sent = _alerts_sent(worker)
+    take = await inbox.take(len(t.msgs) - 1)
+    await worker._groups(take, cast(MqttLink, _Acks()), inbox)
+    assert sent == [take[-1].received_ms, backlog.received_ms]
+    assert [m.stored for m in await inbox.take(10)] == [True]
+
+
 async def _stored(w: Worker) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     await drain(w.engine)
     async with w.engine.connect() as conn:
