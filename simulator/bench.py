@@ -339,10 +339,11 @@ class _Receiver:
         self.proc = subprocess.Popen([sys.executable, "-m", "simulator.bench", *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        ready, *self.said = self.proc.stdout.readline().split()
-        if ready != "ready":
+        said = self.proc.stdout.readline().split()  # nothing if it ended first
+        if said[:1] != ["ready"]:
             self.proc.kill()
-            raise RuntimeError(f"{args[0]} receiver did not start")
+            raise RuntimeError(f"the {args[0]} receiver did not start")
+        self.said = said[1:]  # what it told after "ready": the webhook's port
 
     def arrived(self) -> dict[str, int]:
         """Stop it: alert_id -> when it arrived, wall-clock ms."""
