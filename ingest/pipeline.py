@@ -274,6 +274,8 @@ class Pipeline:
         heard = {station[i] for i in sightings if i < n}
         pulled = self._pulled(later, [i - n + new for i in sightings if i >= n])
         heard.update(self._station(later[i].topic) for i in pulled)
+        if not heard:  # only sightings deep in the backlog: they wait for their turn
+            return [msgs], []
         express = [m for m, s in zip(msgs, station, strict=True) if s in heard]
         rest = [m for m, s in zip(msgs, station, strict=True) if s not in heard]
         taken = [later[i] for i in pulled]

@@ -91,7 +91,11 @@ UNKNOWN = StationInfo.unknown("")
 
 class Worker:
     def __init__(self, settings: Settings, engine: AsyncEngine, clock: Clock = wall_ms,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, *,
+                 freeze_when_ready: bool = False) -> None:
+        # `serve` (and the bench's worker, which mirrors it) freezes what start-up made
+        # (freeze_what_started); a test process starts many workers and does not.
+        self.freeze_when_ready = freeze_when_ready
         self.settings = settings
         self.engine = engine
         self.clock = clock
@@ -163,6 +167,8 @@ class Worker:
             changed = asyncio.Event()  # a registry change was announced
             lease = asyncio.create_task(self.health_lease.run(release), name="health-lease")
             self.ready.set()
+            if self.freeze_when_ready:
+                freeze_what_started()
             async with asyncio.TaskGroup() as tg:
                 consume = tg.create_task(self._consume(inbox, link), name="consume")
                 # These stop by themselves once `stop` is set, between two transactions:
@@ -230,8 +236,7 @@ class Worker:
         groups, pulled = self.pipeline.split(todo, *inbox.later())
         inbox.stand_in(pulled)
         for group in groups:
-            if group:
-                await self._group(group)
+            await self._group(group)
         link.ack(msgs)
 
     async def _group(self, msgs: list[Inbound]) -> None:
@@ -471,24 +476,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     keep_large_buffers_apart()
     engine = await open_database(settings.db_url)
     try:
-        worker = Worker(settings, engine)
-        loop = asyncio.get_running_loop()
-        helpers = [loop.create_task(_freeze_once_ready(worker), name="freeze")]
-        if stop is not None:
-            helpers.append(loop.create_task(_relay(stop, worker.stop), name="stop-relay"))
+        worker = Worker(settings, engine, freeze_when_ready=True)
+        relay = None if stop is None else asyncio.get_running_loop().create_task(
+            _relay(stop, worker.stop), name="stop-relay")
         try:
             await worker.run()
         finally:
-            for task in helpers:
-                task.cancel()
+            if relay is not None:
+                relay.cancel()
     finally:
         await engine.dispose()
-
-
-async def _freeze_once_ready(worker: Worker) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
-        await worker.ready.wait()
-        freeze_what_started()
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:

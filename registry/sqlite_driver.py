@@ -123,8 +123,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
 
     def _open(self) -> bool:
         """Whether SQLite has a transaction open on this connection (it knows without
-        a trip: sqlite3 reads its autocommit flag). Forgets a BEGIN not run yet."""
-        self.begin = None
+        a trip: sqlite3 reads its autocommit flag)."""
         sqlite = self._connection._connection  # None once closed
         try:
             return sqlite is not None and sqlite.in_transaction
@@ -132,10 +131,12 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
             return True
 
     def rollback(self) -> None:
+        self.begin = None  # a BEGIN not run yet began nothing
         if self._open():
             super().rollback()
 
     def commit(self) -> None:
+        self.begin = None
         if self._open():
             super().commit()
 

@@ -373,7 +373,7 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
     `sample_s`, memory is also sampled and printed every `sample_s` seconds (`_memory`)."""
     from sqlalchemy import select
 
-    from ingest.service import Worker, freeze_what_started, keep_large_buffers_apart
+    from ingest.service import Worker, keep_large_buffers_apart
     from registry.cases import report_theft
     from registry.db import open_database
     from registry.imports import import_vehicles
@@ -397,12 +397,11 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
         for i, t in enumerate(stolen):
             await report_theft(engine, t, f"BENCH-{i}", 0, wall_ms())
         keep_large_buffers_apart()  # as `bikewatch serve` does: the memory figure is its
-        worker = Worker(settings, engine)
+        worker = Worker(settings, engine, freeze_when_ready=True)  # as `bikewatch serve`
         run = WorkerRun()
         worker.on_alert = lambda a: run.alert_ms.append(wall_ms() - a.received_ms)
         task = asyncio.create_task(worker.run())
         await worker.ready.wait()
-        freeze_what_started()  # as `bikewatch serve` does once the worker is ready
         await asyncio.sleep(0.5)
         run.rss_before = _rss_mb()
 
