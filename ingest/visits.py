@@ -8,6 +8,14 @@ tag's first segment to the visit still open for that tag. The open visits are
 sorted arrays, not a dict, so the join is one `searchsorted`; entries older
 than the gap are pruned, and the table never holds more than `capacity` tags.
 
+The table is two: the open visits of tags heard before the last merge, and those
+of tags first heard since (`_recent`). A new tag goes into the small one, so a
+group that brings one copies that one, not the whole town: with one table,
+`np.insert` copied every open visit for every group with a new tag (24 bytes a
+visit: 24 MB a group at a million open visits). The small one is merged into
+the large one when the tracker is pruned (every 30 s, `Worker._maintain`), or
+when it passes `RECENT_MOST`.
+
 A segment older than the tag's open visit (a station that was cut off and
 sends late) is marked `late`: the store folds it into the stored visit its
 time falls in rather than into the open one.
@@ -22,6 +30,33 @@ import numpy as np
 from ingest.batch import I8, I32, I64, U64, Bools
 
 NO_RSSI = np.int16(-999)  # below any real dBm, so max() prefers a known value
+# Open visits of new tags held apart before a merge: inserting into this many costs a
+# group some 0.1 ms; a merge costs what one insert into the whole table did.
+RECENT_MOST = 32_768
+
+# Open visits sorted by tag: tag, station, first_ms (the visit's key), last_ms.
+Table = tuple[U64, I32, I64, I64]
+
+
+def _empty() -> Table:
+    return (np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, np.int64),
+            np.empty(0, np.int64))
+
+
+def _find(table: Table, tags: U64) -> tuple[I64, Bools]:
+    """Where each of `tags` is in `table`, and whether it is there."""
+    have = table[0]
+    pos = np.searchsorted(have, tags)
+    hit = np.zeros(len(tags), dtype=np.bool_)
+    inside = pos < len(have)
+    hit[inside] = have[pos[inside]] == tags[inside]
+    return pos, hit
+
+
+def _merged(into: Table, extra: Table) -> Table:
+    at = np.searchsorted(into[0], extra[0])
+    return (np.insert(into[0], at, extra[0]), np.insert(into[1], at, extra[1]),
+            np.insert(into[2], at, extra[2]), np.insert(into[3], at, extra[3]))
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,32 +91,30 @@ class Segments:
 
 @dataclass(slots=True, frozen=True)
 class Saved:
-    """The open visits' columns at `VisitTracker.saved`, and what was written over in
+    """The open visits' tables at `VisitTracker.saved`, and what was written over in
     them since."""
 
-    tag: U64
-    station: I32
-    first: I64
-    last: I64
+    main: Table
+    recent: Table
     undo: list[tuple[np.ndarray, ...]]
 
 
 class VisitTracker:
     """The open visits of every tag heard recently, as sorted columns."""
 
-    def __init__(self, gap_ms: int, capacity: int = 2_000_000) -> None:
+    def __init__(self, gap_ms: int, capacity: int = 2_000_000,
+                 recent_most: int = RECENT_MOST) -> None:
         self.gap_ms = gap_ms
         self.capacity = capacity
-        self._tag: U64 = np.empty(0, np.uint64)
-        self._station: I32 = np.empty(0, np.int32)
-        self._first: I64 = np.empty(0, np.int64)
-        self._last: I64 = np.empty(0, np.int64)
+        self.recent_most = recent_most
+        self._main = _empty()    # tags heard before the last merge
+        self._recent = _empty()  # tags first heard since (see the module docstring)
         self._names: list[str] = []           # station index -> id, shared across groups
         self._index: dict[str, int] = {}
         self._undo: list[tuple[np.ndarray, ...]] | None = None  # since `saved`, if called
 
     def __len__(self) -> int:
-        return len(self._tag)
+        return len(self._main[0]) + len(self._recent[0])
 
     def station_index(self, station: str) -> int:
         idx = self._index.get(station)
@@ -119,14 +152,7 @@ class VisitTracker:
         tag_last[:-1] = tag_first[1:]
 
         # Join each tag's first segment to its open visit.
-        pos = np.searchsorted(self._tag, seg_tag)
-        pos[pos == len(self._tag)] = 0
-        known = tag_first & (len(self._tag) > 0)
-        if len(self._tag):
-            known &= self._tag[pos] == seg_tag
-        open_last = np.where(known, self._last[pos] if len(self._tag) else 0, 0)
-        open_first = np.where(known, self._first[pos] if len(self._tag) else 0, 0)
-        open_station = np.where(known, self._station[pos] if len(self._tag) else -1, -1)
+        known, open_station, open_first, open_last = self._open(seg_tag, tag_first)
         late = known & (first < open_last)
         cont = known & ~late & (open_station == seg_station) & (first - open_last <= self.gap_ms)
         key_first = np.where(cont, open_first, first)
@@ -144,26 +170,50 @@ class VisitTracker:
                         read_seg, prev_station.astype(np.int32), prev_first.astype(np.int64),
                         prev_last.astype(np.int64))
 
+    def _open(self, tags: U64, wanted: Bools) -> tuple[Bools, I32, I64, I64]:
+        """For each of `tags` where `wanted`: whether it has an open visit, and its
+        station (-1 if none), first_ms and last_ms (0 if none)."""
+        known = np.zeros(len(tags), dtype=np.bool_)
+        station = np.full(len(tags), -1, dtype=np.int32)
+        first = np.zeros(len(tags), dtype=np.int64)
+        last = np.zeros(len(tags), dtype=np.int64)
+        for table in (self._main, self._recent):
+            if not len(table[0]):
+                continue
+            pos, hit = _find(table, tags)
+            hit &= wanted
+            at = pos[hit]
+            known |= hit
+            station[hit], first[hit], last[hit] = table[1][at], table[2][at], table[3][at]
+        return known, station, first, last
+
     def _remember(self, tag: U64, station: I32, first: I64, last: I64) -> None:
-        pos = np.searchsorted(self._tag, tag)
-        inside = pos < len(self._tag)
-        hit = np.zeros(len(tag), dtype=np.bool_)
-        hit[inside] = self._tag[pos[inside]] == tag[inside]
-        hp = pos[hit]
-        if self._undo is not None:  # in place, so what these rows held is kept (`saved`)
-            self._undo.append((self._station, self._first, self._last, hp,
-                               self._station[hp], self._first[hp], self._last[hp]))
-        self._station[hp], self._first[hp], self._last[hp] = station[hit], first[hit], last[hit]
-        new = ~hit
+        new = np.ones(len(tag), dtype=np.bool_)
+        for table in (self._main, self._recent):
+            if not len(table[0]):
+                continue
+            pos, hit = _find(table, tag)
+            at = pos[hit]
+            _, stations, firsts, lasts = table
+            if self._undo is not None:  # in place, so what these rows held is kept (`saved`)
+                self._undo.append((stations, firsts, lasts, at, stations[at], firsts[at],
+                                   lasts[at]))
+            stations[at], firsts[at], lasts[at] = station[hit], first[hit], last[hit]
+            new &= ~hit
         if new.any():  # new arrays: the ones `saved` handed out keep their rows
-            at = pos[new]
-            self._tag = np.insert(self._tag, at, tag[new])
-            self._station = np.insert(self._station, at, station[new])
-            self._first = np.insert(self._first, at, first[new])
-            self._last = np.insert(self._last, at, last[new])
-        if len(self._tag) > self.capacity:
-            self.prune(int(np.partition(self._last, len(self._last) - self.capacity)
-                           [len(self._last) - self.capacity]) + self.gap_ms)
+            self._recent = _merged(self._recent, (tag[new], station[new], first[new],
+                                                  last[new]))
+            if len(self._recent[0]) > self.recent_most:
+                self._merge()
+        if len(self) > self.capacity:
+            self._merge()
+            ends = self._main[3]
+            self.prune(int(np.partition(ends, len(ends) - self.capacity)
+                           [len(ends) - self.capacity]) + self.gap_ms)
+
+    def _merge(self) -> None:
+        if len(self._recent[0]):
+            self._main, self._recent = _merged(self._main, self._recent), _empty()
 
     def saved(self) -> Saved:
         """The open visits as they are, for `restore` to put back (a group whose
@@ -171,18 +221,19 @@ class VisitTracker:
         only since the last call: copying the columns instead cost every group
         0.6 ms at 64,000 open visits, growing with the town."""
         self._undo = []
-        return Saved(self._tag, self._station, self._first, self._last, self._undo)
+        return Saved(self._main, self._recent, self._undo)
 
     def restore(self, saved: Saved) -> None:
         for station, first, last, at, was_station, was_first, was_last in reversed(saved.undo):
             station[at], first[at], last[at] = was_station, was_first, was_last
         saved.undo.clear()
-        self._tag, self._station, self._first, self._last = (
-            saved.tag, saved.station, saved.first, saved.last)
+        self._main, self._recent = saved.main, saved.recent
 
     def prune(self, now_ms: int) -> None:
-        """Forget visits that ended (unheard for the gap) by `now_ms`, in reads' time."""
-        keep = self._last >= now_ms - self.gap_ms
+        """Forget visits that ended (unheard for the gap) by `now_ms`, in reads' time; the
+        tags first heard since the last prune join the others."""
+        self._merge()
+        keep = self._main[3] >= now_ms - self.gap_ms
         if not keep.all():
-            self._tag, self._station = self._tag[keep], self._station[keep]
-            self._first, self._last = self._first[keep], self._last[keep]
+            tag, station, first, last = self._main
+            self._main = (tag[keep], station[keep], first[keep], last[keep])

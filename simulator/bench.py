@@ -41,6 +41,7 @@ from ingest.clock import wall_ms
 from ingest.codec import HEADER, RECORD, decode, decode_many, encode_binary, encode_json
 from ingest.config import Settings
 from ingest.mqtt import ReadsClient
+from ingest.visits import VisitTracker
 from registry.snapshot import StolenSet
 from registry.tags import format_tag
 from simulator.bench_forecast import bench_forecast
@@ -116,6 +117,40 @@ def bench_decode(report: Report) -> None:
         print(f"{n:>11} {t_bin:>8.1f} {t_json:>8.1f} {g_bin:>12.1f} {g_json:>10.1f}")
         report.add("decode", f"binary, {n} reads a batch, groups of 100", g_bin, "ns/read",
                    g_json, "the same reads as JSON")
+
+
+def _fold_ms(open_visits: int, rng: np.random.Generator, groups: int = 100) -> float:
+    """Median ms to fold a group of 100 batches (5,000 reads of 1,000 bikes, 100 of them
+    new in town) into a tracker holding `open_visits`, as a group's store does."""
+    tracker = VisitTracker(60_000)
+    town = rng.choice(2**40, open_visits, replace=False).astype(np.uint64) + 1
+    tracker.fold(town, np.zeros(open_visits, np.int32), np.zeros(open_visits, np.int64),
+                 np.zeros(open_visits, np.int8))
+    tracker.prune(0)  # as the worker's upkeep leaves it
+    times = []
+    for g in range(groups):
+        tags = np.repeat(np.concatenate([rng.choice(town, 900), 2**41 + rng.choice(
+            2**40, 100).astype(np.uint64)]), READS_PER_BATCH // BIKES_IN_RANGE)
+        station = rng.integers(0, STATIONS, len(tags)).astype(np.int32)
+        tracker.saved()  # as `Pipeline.store` does: in-place writes are journalled
+        start = time.perf_counter()
+        tracker.fold(tags, station, np.full(len(tags), 1_000 + g, np.int64),
+                     np.full(len(tags), -60, np.int8))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000
+
+
+def bench_fold(quick: bool, report: Report) -> None:
+    print("\n== fold into visits: a group of 100 batches, 100 of its bikes new in town, "
+          "ms by open visits ==")
+    rng = np.random.default_rng(3)
+    small = _fold_ms(10_000, rng)
+    print(f"{10_000:>11,} open visits: {small:.2f} ms")
+    for n in (100_000,) if quick else (100_000, 1_000_000):
+        ms = _fold_ms(n, rng)
+        print(f"{n:>11,} open visits: {ms:.2f} ms ({ms / small:.2f} of 10,000)")
+        report.add("fold", f"group of 100 batches, {n:,} open visits", ms, "ms", small,
+                   "10,000 open visits")
 
 
 # -- the publisher process ----------------------------------------------------
@@ -581,6 +616,7 @@ async def run_bench(args: argparse.Namespace, settings: Settings, stop: asyncio.
     report = Report()
     bench_matching(args.quick, report)
     bench_decode(report)
+    bench_fold(args.quick, report)
     bench_health(args.quick, report)
     await bench_forecast(args.quick, report)
     vehicles = args.registry_vehicles

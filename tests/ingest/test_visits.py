@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.visits import VisitTracker
+from ingest.visits import RECENT_MOST, VisitTracker
 
 GAP = 60_000
 
@@ -42,10 +43,11 @@ def _reference(reads: list[tuple[int, str, int]]) -> dict[tuple[int, str, int], 
 
 class TestFold:
     @given(st.lists(st.lists(st.tuples(st.integers(1, 4), st.sampled_from("ABC"),
-                                       st.integers(0, 4_000)), max_size=30), max_size=5))
+                                       st.integers(0, 4_000)), max_size=30), max_size=5),
+           st.sampled_from([1, 2, RECENT_MOST]))
     @settings(max_examples=200)
     def test_groups_in_time_order_fold_like_the_reference(
-            self, groups: list[list[tuple[int, str, int]]]) -> None:
+            self, groups: list[list[tuple[int, str, int]]], recent_most: int) -> None:
         # Order the groups so that, per tag, no group goes back in time (late data is
         # the store's business, tested end to end).
         # Times are made distinct: two visits of one tag starting in the same
@@ -53,7 +55,8 @@ class TestFold:
         flat = sorted(((t, s, ts * 100 + i) for i, (t, s, ts) in
                        enumerate(r for g in groups for r in g)), key=lambda r: r[2])
         sizes = [len(g) for g in groups]
-        tracker = VisitTracker(GAP)
+        # A small `recent_most` merges the new tags' table into the other one mid-run.
+        tracker = VisitTracker(GAP, recent_most=recent_most)
         got: dict[tuple[int, str, int], tuple[int, int]] = {}
         i = 0
         for n in sizes:
@@ -94,10 +97,28 @@ class TestFold:
                     np.zeros(1000, np.int8))
             assert len(tr) <= 1000
 
-    def test_restore_puts_back_the_open_visits_as_saved(self) -> None:
-        """What a group whose transaction failed had folded is undone, both the visits
-        it moved on (written in place) and the tags it added (new columns)."""
+    def test_a_new_tag_does_not_copy_the_open_visits_of_the_others(self) -> None:
+        """A new tag goes into the table of tags first heard since the last prune: the
+        large one is neither copied nor moved, whatever the town's size."""
         tr = VisitTracker(GAP)
+        tags = np.arange(1, 10_001, dtype=np.uint64)
+        tr.fold(tags, np.zeros(len(tags), np.int32), np.zeros(len(tags), np.int64),
+                np.zeros(len(tags), np.int8))
+        tr.prune(0)
+        main = tr._main
+        assert len(main[0]) == 10_000
+        _fold(tr, [(5, "A", 1_000), (20_000, "A", 1_000)])  # one known, one new
+        assert tr._main is main and len(tr._recent[0]) == 1 and len(tr) == 10_001
+        tr.prune(0)  # merged: one table again, sorted
+        assert len(tr._recent[0]) == 0 and tr._main[0][-1] == 20_000
+        assert _fold(tr, [(20_000, "A", 2_000)]) == [(20_000, "A", 1_000, 2_000, 1)]
+
+    @pytest.mark.parametrize("recent_most", [1, RECENT_MOST])
+    def test_restore_puts_back_the_open_visits_as_saved(self, recent_most: int) -> None:
+        """What a group whose transaction failed had folded is undone, both the visits
+        it moved on (written in place) and the tags it added (new columns). With
+        `recent_most` 1, a merge of the two tables comes between."""
+        tr = VisitTracker(GAP, recent_most=recent_most)
         _fold(tr, [(1, "A", 0), (2, "A", 0), (5, "A", 0)])
         saved = tr.saved()
         _fold(tr, [(1, "B", 70_000), (3, "A", 70_000)])  # 1 moves on, 3 is new

@@ -24,10 +24,12 @@ def test_bench_quick_prints_matching_and_decode_tables(tmp_path: Path) -> None:
     assert "CPU per heartbeat" in p.stdout and "/metrics render" in p.stdout
     assert "next_stations on a simulated town" in p.stdout and "nearest ahead" in p.stdout
     assert "Registry: 20,000 vehicles" in p.stdout and "lookup by plate as police" in p.stdout
+    assert "fold into visits" in p.stdout and "100,000 open visits" in p.stdout
     assert "every figure beside its baseline from this run" in p.stdout
     doc = json.loads(out.read_text())
     sections = {f["section"] for f in doc["figures"]}
-    assert sections == {"matching", "decode", "station health", "next_stations", "registry"}
+    assert sections == {"matching", "decode", "fold", "station health", "next_stations",
+                        "registry"}
     assert all(f["value"] > 0 and f["baseline"] > 0 and f["ratio"] > 0 for f in doc["figures"])
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["python"]
 
