@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ingest import eventloop
 from ingest.clock import iso, parse_iso, wall_ms
 from ingest.config import Settings
 from ingest.errors import ConfigError, Reason, UsageError
@@ -411,7 +412,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         args = build_parser().parse_args(argv)
         setup_logging(args.verbose)
         settings = Settings.load(args.config, environ)
-        return asyncio.run(_run(args, settings))
+        return eventloop.run(_run(args, settings))
     except UsageError as exc:
         print(f"bikewatch: {exc}", file=sys.stderr)
         return EXIT_USAGE

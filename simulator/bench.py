@@ -36,6 +36,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from ingest import eventloop
 from ingest.broker import DEMO_USER, BrokerAddress, free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.codec import HEADER, RECORD, decode, decode_many, encode_binary, encode_json
@@ -480,7 +481,7 @@ def _soak_process(broker: BrokerAddress, seconds: float, rate: float, db_url: st
     """The soak, in a process spawned for it: the RSS it reports is one worker's, not
     that of a bench process that has run the other figures' brokers' clients, workers
     and webhook servers first."""
-    out.send(asyncio.run(_worker_run(broker, seconds, "binary", rate=rate, db_url=db_url,
+    out.send(eventloop.run(_worker_run(broker, seconds, "binary", rate=rate, db_url=db_url,
                                      sample_s=sample_s)))
 
 

@@ -6,17 +6,19 @@ skipping its tests (the brief: the storage layer is tested on both).
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ingest import eventloop
 from ingest.broker import BrokerHandle, start_broker
 from registry.db import open_database
 
@@ -25,6 +27,12 @@ PG_PORT = int(os.environ.get("BIKEWATCH_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("BIKEWATCH_TEST_PG_USER", "postgres")
 PG_DB = os.environ.get("BIKEWATCH_TEST_PG_DB", "test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item,
+                                   ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test on the loop bikewatch runs on (ingest.eventloop)."""
+    return {"uvloop": eventloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")
