@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alerts.engine import KIND_STOLEN, KINDS, RaisedAlert
+from alerts.engine import KIND_STOLEN, KINDS, RaisedAlert, Vehicles
 from alerts.forecast import REFRESH_S as FORECAST_REFRESH_S
 from alerts.forecast import learn_from_history
 from alerts.lookback import look_back
@@ -368,6 +368,9 @@ class Worker:
             directory[s] != self.pipeline.directory[s] for s in directory)
         self.holder.current = snapshot
         self.pipeline.directory = directory
+        async with reading(self.engine).connect() as conn:  # after the swap: see Vehicles.load
+            await self.pipeline.vehicles.load(conn, snapshot.version,
+                                              snapshot.tags[:Vehicles.MOST].tolist())
         if moved:  # stations added, moved or removed: the forecast's map with them
             self.pipeline.forecast = await learn_from_history(self.engine, directory,
                                                               self.clock())

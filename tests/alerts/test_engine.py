@@ -4,6 +4,7 @@ and PostgreSQL: once per visit, counted once, and with the vehicle as the regist
 from __future__ import annotations
 
 import orjson
+import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -87,3 +88,40 @@ async def test_a_vehicle_changed_is_shown_from_the_next_registry_version(
     assert before is not None and after is not None
     assert orjson.loads(before.payload)["vehicle"]["color"] == "white"
     assert orjson.loads(after.payload)["vehicle"]["color"] == "red"
+
+
+class _NoTrips:
+    """A connection that fails any statement: what `Vehicles.get` finds must be held."""
+
+    async def execute(self, *_: object) -> None:
+        raise AssertionError("a trip to the database")
+
+
+async def test_cards_loaded_for_the_open_cases_need_no_trip(engine: AsyncEngine) -> None:
+    await _staged(engine)
+    vehicles = Vehicles()
+    unknown = 0xFEED0001
+    async with engine.connect() as conn:
+        version = await registry_version(conn)
+        await vehicles.load(conn, version, [STOLEN, unknown])
+    vehicle, owner = await vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
+    assert vehicle is not None and vehicle["plate"] and owner is not None
+    assert await vehicles.get(_NoTrips(), unknown) == (None, None)  # type: ignore[arg-type]
+    # The same cards as one fetched alone.
+    async with engine.connect() as conn:
+        assert await Vehicles().get(conn, STOLEN) == (vehicle, owner)
+    # A new registry version forgets them.
+    vehicles.at_version(version + 1)
+    with pytest.raises(AssertionError, match="a trip"):
+        await vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
+
+
+async def test_the_refresher_loads_the_cards_of_the_open_cases(engine: AsyncEngine) -> None:
+    from ingest.config import Settings
+    from ingest.service import Worker
+
+    await _staged(engine)
+    worker = Worker(Settings.load(None, {}), engine)
+    await worker._refresh()
+    vehicle, _ = await worker.pipeline.vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
+    assert vehicle is not None
