@@ -34,6 +34,7 @@ from registry.db import open_database
 from registry.models import Alert
 from registry.privacy import audit_log
 from registry.queries import list_deliveries, requeue_dead
+from simulator.bench_workers import answering
 from simulator.publisher import StationPublisher
 from tests.helpers import (
     FAULT_SCALE,
@@ -348,7 +349,10 @@ class TestDelivery:
         worker = serve_process(env)
         pub = publisher(settings)
         try:
-            await asyncio.sleep(3)  # connected and subscribed
+            # Serving (connected), then subscribed: a fixed 3 s raced start-up in a slow
+            # hour, and the sighting went out before the worker's session existed.
+            assert await asyncio.to_thread(answering, [settings.http_address()[1]], 60)
+            await asyncio.sleep(1.0)
             _sighting(pub)
             assert await until(lambda: len(hook.requests) >= 1, 10)  # raised, not delivered
             worker.send_signal(signal.SIGKILL)

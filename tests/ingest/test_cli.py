@@ -12,6 +12,7 @@ import pytest
 
 from ingest.broker import BrokerHandle, free_port
 from ingest.config import Settings
+from simulator.bench_workers import answering
 
 
 def bw(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -202,16 +203,11 @@ def test_serve_stops_cleanly_on_sigterm(broker: BrokerHandle, env: dict[str, str
         [sys.executable, "-m", "ingest.cli", "serve"], stderr=subprocess.PIPE, text=True,
         env=os.environ | env | broker.settings_overrides() | {
             "BIKEWATCH_HTTP": f"127.0.0.1:{http}", "BIKEWATCH_CLIENT_ID": "sigterm"})
-    # Running, its HTTP port open: the signal handlers are in place by then. A fixed 3 s
-    # wait raced the interpreter's start-up and imports, which took longer than that in
-    # a slow hour, and SIGTERM's default action ended the process (-15).
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", http)) == 0:
-                break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    # Serving: the signal handlers are in place by then. A fixed 3 s wait raced the
+    # interpreter's start-up and imports, which took longer than that in a slow hour,
+    # and SIGTERM's default action ended the process (-15).
+    assert answering([http], 60) and proc.poll() is None, (
+        proc.stderr.read() if proc.stderr else "")
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
