@@ -48,7 +48,6 @@ _VISITS_SINCE = (
     .order_by(Visit.first_ms, Visit.last_ms))
 _VEHICLES = (select(Vehicle.tag, Vehicle.plate, Vehicle.brand, Vehicle.color, Owner.name,
                     Owner.phone).outerjoin(Owner, Owner.id == Vehicle.owner_id))
-_VEHICLE = _VEHICLES.where(Vehicle.tag == bindparam("p_tag"))
 _LOAD_CHUNK = 500  # tags a statement in `Vehicles.load`
 _QUEUE_DELIVERY = insert(Delivery)
 
@@ -97,7 +96,7 @@ class Vehicles:
                   ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
         card = self._cards.get(tag)
         if card is None:
-            card = await _vehicle(conn, tag)
+            card = (await _cards(conn, [tag]))[tag]
             if len(self._cards) >= self.MOST:
                 self._cards.clear()
             self._cards[tag] = card
@@ -113,12 +112,10 @@ class Vehicles:
         wanted = [t for t in tags if t not in self._cards][:max(0, self.MOST - len(self._cards))]
         for start in range(0, len(wanted), _LOAD_CHUNK):
             chunk = wanted[start:start + _LOAD_CHUNK]
-            rows = await conn.execute(_VEHICLES.where(Vehicle.tag.in_([to_db(t) for t in chunk])))
-            found = {from_db(r.tag): _card(r) for r in rows}
+            found = await _cards(conn, chunk)
             if self._version != version:  # a newer version came in meanwhile: its own turn
                 return
-            for t in chunk:
-                self._cards[t] = found.get(t, (None, None))
+            self._cards.update(found)
 
 
 async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str, StationInfo],
@@ -209,12 +206,14 @@ class Flagged:
     prev: tuple[str, int, int] | None = None  # the visit before: station, first_ms, last_ms
 
 
-async def _vehicle(conn: AsyncConnection, tag: int,
-                   ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
-    """The alert's `vehicle`, and its `owner` masked (`registry.privacy`): a channel
-    configured for full contact gets it filled in when it is sent."""
-    r = (await conn.execute(_VEHICLE, {"p_tag": to_db(tag)})).first()
-    return (None, None) if r is None else _card(r)
+async def _cards(conn: AsyncConnection, tags: Sequence[int],
+                 ) -> dict[int, tuple[dict[str, str] | None, dict[str, str] | None]]:
+    """Each tag's `vehicle`, and its `owner` masked (`registry.privacy`), (None, None)
+    for a tag not registered: a channel configured for full contact gets the owner
+    filled in when it is sent."""
+    rows = await conn.execute(_VEHICLES.where(Vehicle.tag.in_([to_db(t) for t in tags])))
+    found = {from_db(r.tag): _card(r) for r in rows}
+    return {t: found.get(t, (None, None)) for t in tags}
 
 
 def _card(r: Any) -> tuple[dict[str, str] | None, dict[str, str] | None]:
