@@ -1,4 +1,5 @@
-"""The reads client's own PUBLISH parsing (`ReadsClient._handle_publish`) against paho's.
+"""The reads client's own packet reading (`ReadAhead.whole_packet`) and PUBLISH parsing
+(`ReadsClient._handle_publish`) against paho's.
 
 Packets are handed to the client as paho's packet reader would hand them over, with no
 socket: what the fast path delivers must be what paho's own decoding gives, and what it
@@ -7,7 +8,9 @@ test_mqtt_link.py."""
 
 from __future__ import annotations
 
+import socket
 import struct
+import threading
 
 import pytest
 from hypothesis import given
@@ -19,7 +22,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest.mqtt import ReadsClient
+from ingest.mqtt import ReadAhead, ReadsClient
 
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
 QOS1 = 0x32  # PUBLISH, QoS 1
@@ -126,3 +129,85 @@ def test_qos_0_goes_to_paho() -> None:
     seen = _Seen(V311)
     seen.handle(0x30, struct.pack("!H", 3) + b"a/b" + b"payload")
     assert not seen.fast and [(m.topic, m.payload) for m in seen.paho] == [("a/b", b"payload")]
+
+
+def _remaining_length(n: int) -> bytes:
+    """MQTT's Variable Byte Integer (section 1.5.5)."""
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _bytewise(ahead: ReadAhead) -> tuple[int, bytes] | None:
+    """One packet read as paho reads it: its first byte, its length a byte at a time,
+    then the rest; None at the end of the stream."""
+    first = ahead.recv(1)
+    if not first:
+        return None
+    length, shift = 0, 0
+    while True:
+        byte = ahead.recv(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    body = b""
+    while len(body) < length:
+        body += ahead.recv(length - len(body))
+    return first[0], body
+
+
+@given(packets=st.lists(st.tuples(st.integers(0x10, 0xFF), st.integers(0, 70_000)),
+                        min_size=1, max_size=12),
+       cuts=st.lists(st.integers(1, 90_000), max_size=12))
+def test_whole_packets_are_the_stream_as_paho_would_read_it(
+        packets: list[tuple[int, int]], cuts: list[int]) -> None:
+    """Packets of any size (lengths of 1 to 3 bytes, over the 64 KiB read-ahead), sent in
+    any pieces: each is taken whole when all of it is held, and read as paho reads it
+    when it is not, and together they are the packets sent, in order."""
+    sent = [(command, bytes([size % 251]) * size) for command, size in packets]
+    stream = b"".join(bytes([c]) + _remaining_length(len(b)) + b for c, b in sent)
+    a, b = socket.socketpair()
+    try:
+        writer = threading.Thread(target=_write_in_pieces, args=(a, stream, cuts))
+        writer.start()
+        ahead = ReadAhead(b)
+        got: list[tuple[int, bytes]] = []
+        while True:
+            held = ahead.whole_packet()
+            if held is not None:
+                got.append((held[0], bytes(held[1])))
+                continue
+            packet = _bytewise(ahead)
+            if packet is None:
+                break
+            got.append(packet)
+        writer.join()
+        assert got == sent
+    finally:
+        b.close()
+
+
+def _write_in_pieces(sock: socket.socket, data: bytes, cuts: list[int]) -> None:
+    at = 0
+    for cut in [*cuts, len(data)]:
+        sock.sendall(data[at:at + cut])
+        at += cut
+    sock.close()
+
+
+def test_a_malformed_length_is_left_to_paho() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"\x30\x01x" + b"\x30" + b"\xff" * 5 + b"x" * 100)
+        ahead = ReadAhead(b)
+        assert _bytewise(ahead) == (0x30, b"x")  # and the rest is held now
+        assert ahead.pending() == 106
+        assert ahead.whole_packet() is None  # five length bytes: paho refuses it itself
+        assert ahead.pending() == 106
+    finally:
+        a.close()
+        b.close()
