@@ -74,10 +74,14 @@ def gather(batches: Sequence[ReadBatch]) -> Reads:
                  np.concatenate([p.flags for p in parts]))
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class ReadBatch:
     """One station's batch after decoding: the envelope, and its reads as the span
     [start, stop) of columns it may share with the batches decoded with it.
+
+    Not frozen, though nothing changes it after decoding: one is made a message, and
+    a frozen dataclass's `__init__` (a `object.__setattr__` a field) cost 1.3 µs
+    against 0.3.
 
     `rssi` is 0 where unknown (no real radio reports 0 dBm). `bad_tag` and
     `bad_value` count the reads dropped alone while decoding, `skewed` the reads

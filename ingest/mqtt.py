@@ -17,7 +17,7 @@ way far fewer than 65,535 QoS 1 messages are unacknowledged (receive_maximum
 is at most 30,000: Settings.validate), and memory is bounded.
 
 The reads connection parses its QoS 1 PUBLISH packets itself and leaves the
-rest to paho (`ReadsClient._handle_publish`).
+rest to paho (`ReadsClient._read`).
 
 Sessions are persistent (clean_start False, a long session expiry), so a
 worker that dies with messages unacknowledged gets them again, or another
@@ -39,7 +39,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import paho.mqtt.client as paho
-from paho.mqtt.client import PUBACK
+from paho.mqtt.client import PUBACK, PUBLISH
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
@@ -146,7 +146,7 @@ class ReadAhead:
 
 class ReadsClient(paho.Client):
     """The reads connection's paho client: its socket reads ahead (`ReadAhead`), a QoS 1
-    PUBLISH goes straight to `on_read` (`_handle_publish`), and a group's
+    PUBLISH goes straight to `on_read` (`_read`), and a group's
     acknowledgements leave together (`ack_all`)."""
 
     # topic, payload, packet id of a QoS 1 message; set before the connection starts
@@ -184,7 +184,11 @@ class ReadsClient(paho.Client):
         held = sock.whole_packet()
         if held is None:
             return super()._packet_read()
-        self._in_packet["command"], body = held
+        command, body = held
+        self._last_bytes_received = time.monotonic()
+        if command & 0xF0 == PUBLISH and self._read(command, body):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._in_packet["command"] = command
         self._in_packet["packet"] = bytearray(body)
         try:
             rc = self._packet_handle()
@@ -192,11 +196,17 @@ class ReadsClient(paho.Client):
             self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
         self._in_packet = _fresh_packet()
-        self._last_bytes_received = time.monotonic()
         return rc
 
     def _handle_publish(self) -> MQTTErrorCode:
-        """A QoS 1 PUBLISH's topic, packet id and payload, handed to `on_read`.
+        """A PUBLISH that paho read: ours to take (`_read`), or paho's."""
+        if self._read(self._in_packet["command"], self._in_packet["packet"]):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_publish()
+
+    def _read(self, command: int, packet: bytes | bytearray) -> bool:
+        """A QoS 1 PUBLISH's topic, packet id and payload, handed to `on_read`; False,
+        and nothing done, for a packet to leave to paho.
 
         paho's own handling built, for every message, a `Properties` object (with MQTT
         5), a packet tuple, an `MQTTMessage` holding a `Condition`, and matched the
@@ -206,9 +216,8 @@ class ReadsClient(paho.Client):
         their length. Anything unusual (QoS 0 or 2, an empty topic as a topic alias
         would send, a topic that is not UTF-8, a packet too short) goes the way paho
         goes, which raises or logs as it always did."""
-        packet = self._in_packet["packet"]
-        if (self._in_packet["command"] & 0x06) != 0x02 or self.on_read is None:
-            return super()._handle_publish()
+        if (command & 0x06) != 0x02 or self.on_read is None:
+            return False
         try:
             end = 2 + int.from_bytes(packet[:2])
             topic = packet[2:end].decode()
@@ -218,11 +227,11 @@ class ReadsClient(paho.Client):
                 size, end = _variable_int(packet, end)
                 end += size
         except (IndexError, UnicodeDecodeError):
-            return super()._handle_publish()
+            return False
         if not topic or end > len(packet) or not mid:
-            return super()._handle_publish()
+            return False
         self.on_read(topic, bytes(packet[end:]), mid)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return True
 
     def ack_all(self, mids: list[int]) -> None:
         """PUBACKs for these QoS 1 messages, in this order, queued as one packet.
@@ -244,7 +253,7 @@ def _fresh_packet() -> _InPacket:
             "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
 
 
-def _variable_int(data: bytearray, pos: int) -> tuple[int, int]:
+def _variable_int(data: bytes | bytearray, pos: int) -> tuple[int, int]:
     """An MQTT Variable Byte Integer at `pos` (at most 4 bytes): its value, and where the
     bytes after it begin. IndexError where it runs past the data or past 4 bytes."""
     value = 0
@@ -469,7 +478,7 @@ class MqttLink:
                                           self.connection))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        """What `ReadsClient` leaves to paho (see its `_handle_publish`)."""
+        """What `ReadsClient` leaves to paho (see its `_read`)."""
         self._on_read(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
 
     def _on_publish(self, _c: paho.Client, _u: object, mid: int, _rc: ReasonCode,

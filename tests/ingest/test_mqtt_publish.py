@@ -1,5 +1,5 @@
 """The reads client's own packet reading (`ReadAhead.whole_packet`) and PUBLISH parsing
-(`ReadsClient._handle_publish`) against paho's.
+(`ReadsClient._read`) against paho's.
 
 Packets are handed to the client as paho's packet reader would hand them over, with no
 socket: what the fast path delivers must be what paho's own decoding gives, and what it
