@@ -161,8 +161,8 @@ class ReadsClient(paho.Client):
         paho reads one packet a turn (its `max_packets` counts only QoS 2 and outgoing
         messages), and each turn waits in `select`, checks the keep-alive under a lock
         and looks for packets to write: 28 µs of this thread's time a message at 10,000
-        batches/s, more than a third of the worker's own. Bytes already held need no
-        `select`."""
+        batches/s, more than a quarter of the worker process's. Bytes already held
+        need no `select`."""
         rc = super().loop_read(max_packets)
         sock = self._sock
         if not isinstance(sock, ReadAhead):
