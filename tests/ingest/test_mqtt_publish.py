@@ -211,3 +211,31 @@ def test_a_malformed_length_is_left_to_paho() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_one_turn_of_the_network_loop_reads_every_packet_held() -> None:
+    """paho reads one packet a turn of its loop; the reads client reads on while its
+    read-ahead holds bytes, a packet held whole in one step, a packet in pieces paho's
+    way. So 300 PUBLISHes sent at once (more than one read-ahead chunk) take a few
+    turns, not 300, and arrive whole and in order."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    seen = _Seen(V5)
+    seen.client._sock = ReadAhead(b)
+    try:
+        sent = [(f"town/stations/S-{i % 7}/reads", bytes([i % 251]) * (300 + i), i + 1)
+                for i in range(300)]
+        stream = b"".join(
+            bytes([QOS1]) + _remaining_length(len(body)) + body
+            for body in (_publish(t.encode(), mid, p, b"\x00") for t, p, mid in sent))
+        assert len(stream) > ReadAhead.CHUNK
+        a.sendall(stream)
+        turns = 0
+        while len(seen.fast) < len(sent) and turns < 20:
+            seen.client.loop_read()
+            turns += 1
+        assert seen.fast == sent and not seen.paho
+        assert turns <= 4  # one a read-ahead chunk, give or take the one in pieces
+    finally:
+        a.close()
+        b.close()
