@@ -80,7 +80,7 @@ class ReadBatch:
     [start, stop) of columns it may share with the batches decoded with it.
 
     Not frozen, though nothing changes it after decoding: one is made a message, and
-    a frozen dataclass's `__init__` (a `object.__setattr__` a field) cost 1.3 µs
+    a frozen dataclass's `__init__` (one `object.__setattr__` a field) cost 1.3 µs
     against 0.3.
 
     `rssi` is 0 where unknown (no real radio reports 0 dBm). `bad_tag` and
