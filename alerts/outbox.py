@@ -23,8 +23,9 @@ from registry.models import Alert
 
 log = logging.getLogger(__name__)
 
-# Calling it publishes; awaiting what it returns waits for the broker's PUBACK.
-Publish = Callable[[str, bytes], Awaitable[None]]
+# Calling it publishes; awaiting what it returns waits for the broker's PUBACK and gives
+# when it came (wall-clock ms).
+Publish = Callable[[str, bytes], Awaitable[int]]
 PUBLISH_BATCH = 200  # well under the MQTT client's 1,000 publishes in flight
 # Marks of deliveries wait this long for others to share their transaction. On SQLite each
 # transaction takes the one write lock: at 40 alerts/s the MQTT and webhook marks made
@@ -58,12 +59,13 @@ class Outbox:
         self.turn = write_turn(engine)  # marks come with every alert
         self.on_result = on_result  # (kind, delivered | failed)
         self._queue: asyncio.Queue[RaisedAlert] = asyncio.Queue(maxsize=10_000)
-        self.on_published: Callable[[RaisedAlert], None] | None = None
+        # (alert, when its PUBACK came, wall-clock ms)
+        self.on_published: Callable[[RaisedAlert, int], None] | None = None
         self._last_sweep_ms = 0
         self._unmarked: dict[str, int] = {}  # published, not yet marked: alert_id -> when
         self._flushing: asyncio.Future[None] | None = None
         self._stop = asyncio.Event()  # `run`'s: a mark waiting for company goes at once
-        self._sent: dict[str, asyncio.Future[None]] = {}  # published by `notify`: PUBACKs
+        self._sent: dict[str, asyncio.Future[int]] = {}  # published by `notify`: PUBACKs
 
     def notify(self, alerts: list[RaisedAlert]) -> None:
         """Alerts just committed. Each is published at once, up to PUBLISH_BATCH in
@@ -137,19 +139,20 @@ class Outbox:
     async def _deliver(self, alert: RaisedAlert) -> bool:
         sent = self._sent.pop(alert.alert_id, None)
         try:
-            await (sent if sent is not None else self.publish(self._topic(alert), alert.payload))
+            acked = await (sent if sent is not None
+                           else self.publish(self._topic(alert), alert.payload))
         except (TimeoutError, ConnectionError) as exc:
             log.warning("alert %s not published yet (%s); will retry", alert.alert_id, exc)
             self.on_result(alert.kind, "failed")
             return False
         self.on_result(alert.kind, "delivered")
-        now = self.clock()
-        self.observe_latency(max(0.0, (now - alert.received_ms) / 1000))
+        # Published when the broker acknowledged it, not when this task got to it.
+        self.observe_latency(max(0.0, (acked - alert.received_ms) / 1000))
         if self.on_published is not None:
-            self.on_published(alert)
+            self.on_published(alert, acked)
         # Marked after the broker's PUBACK: a crash in between publishes it again, with
         # the same alert_id, which receivers drop.
-        self._unmarked[alert.alert_id] = now
+        self._unmarked[alert.alert_id] = acked
         return True
 
     async def _flush(self) -> None:

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.client import PUBACK, PUBLISH
@@ -390,7 +390,7 @@ class MqttLink:
         self.connected = threading.Event()
         self.connection = 0  # counts disconnects; written by the network thread only
         self.refused: str | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}  # event loop only
+        self._pending: dict[int, asyncio.Future[int]] = {}  # event loop only
         self._loop = asyncio.get_running_loop()
         root = settings.mqtt_root
         reads = f"{root}/stations/+/reads"
@@ -486,8 +486,9 @@ class MqttLink:
         # paho calls this holding its outgoing-message lock, which `publish` takes too:
         # taking a lock of ours here as well deadlocked two concurrent publishes (ABBA).
         # `_pending` is only touched on the event loop, where this lands after the
-        # publishing coroutine registered its future.
-        self._loop.call_soon_threadsafe(self._published, mid)
+        # publishing coroutine registered its future. The time is taken here: the loop
+        # may be busy with a group for some ms before it gets to it.
+        self._loop.call_soon_threadsafe(self._published, mid, self.clock())
 
     # -- asyncio side ----------------------------------------------------------
 
@@ -504,29 +505,30 @@ class MqttLink:
                              if m.qos == 1 and m.connection == self.connection])
         self.inbox.release(msgs)
 
-    def _published(self, mid: int) -> None:
+    def _published(self, mid: int, at_ms: int) -> None:
         fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(at_ms)
 
     def publish(self, topic: str, payload: bytes, timeout: float = 10.0,
-                ) -> Coroutine[Any, Any, None]:
+                ) -> Coroutine[Any, Any, int]:
         """Publish with QoS 1: the message is handed to paho before this returns (not
         when the result is first awaited), and awaiting the result waits for the
-        broker's PUBACK, or raises TimeoutError or ConnectionError."""
+        broker's PUBACK and gives when it came (the clock's ms, read in the network
+        thread), or raises TimeoutError or ConnectionError."""
         info = self.out.publish(topic, payload, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             return _raise(ConnectionError(f"publish failed: {paho.error_string(info.rc)}"))
-        fut: asyncio.Future[None] = self._loop.create_future()
+        fut: asyncio.Future[int] = self._loop.create_future()
         self._pending[info.mid] = fut
         return self._puback(info.mid, fut, timeout)
 
-    async def _puback(self, mid: int, fut: asyncio.Future[None], timeout: float) -> None:
+    async def _puback(self, mid: int, fut: asyncio.Future[int], timeout: float) -> int:
         try:
-            await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(fut, timeout)
         finally:
             self._pending.pop(mid, None)
 
 
-async def _raise(exc: BaseException) -> None:
+async def _raise(exc: BaseException) -> NoReturn:
     raise exc

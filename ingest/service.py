@@ -127,7 +127,8 @@ class Worker:
         self._outbox: Outbox | None = None
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
-        self.on_alert: Callable[[RaisedAlert], None] | None = None
+        # (alert, when the broker acknowledged it, wall-clock ms)
+        self.on_alert: Callable[[RaisedAlert, int], None] | None = None
         self._version = -1
         self.health_lease = Lease(engine, HEALTH, "station health")
         self._gap_zones: set[str] = set()  # zones with a gauge: reset to 0 when healed

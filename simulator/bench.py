@@ -435,7 +435,7 @@ async def _worker_run(broker: BrokerAddress, seconds: float, fmt: str, rate: flo
         keep_large_buffers_apart()  # as `bikewatch serve` does: the memory figure is its
         worker = Worker(settings, engine, freeze_when_ready=True)  # as `bikewatch serve`
         run = WorkerRun()
-        worker.on_alert = lambda a: run.alert_ms.append(wall_ms() - a.received_ms)
+        worker.on_alert = lambda a, acked: run.alert_ms.append(acked - a.received_ms)
         task = asyncio.create_task(worker.run())
         await worker.ready.wait()
         await asyncio.sleep(0.5)

@@ -64,8 +64,9 @@ async def test_published_alerts_are_marked_together(engine: AsyncEngine,
     monkeypatch.setattr(alerts.outbox, "MARK_AFTER_S", 0.3)
     published: list[str] = []
 
-    async def publish(topic: str, payload: bytes) -> None:
+    async def publish(topic: str, payload: bytes) -> int:
         published.append(topic)
+        return wall_ms()
 
     outbox = Outbox(engine, "bw", publish, wall_ms, lambda _s: None, sweep_s=60)
     commits = _count_commits(engine)
@@ -126,11 +127,11 @@ async def test_committed_alerts_are_published_before_the_loop_turns(
     loop = asyncio.get_running_loop()
     sent: list[bytes] = []
 
-    def publish(topic: str, payload: bytes) -> asyncio.Future[None]:
+    def publish(topic: str, payload: bytes) -> asyncio.Future[int]:
         """As MqttLink.publish: sent by the call, acknowledged a moment later."""
         sent.append(payload)
-        puback: asyncio.Future[None] = loop.create_future()
-        loop.call_later(0.01, puback.set_result, None)
+        puback: asyncio.Future[int] = loop.create_future()
+        loop.call_later(0.01, lambda: puback.set_result(wall_ms()))
         return puback
 
     outbox = Outbox(engine, "bw", publish, wall_ms, lambda _s: None, sweep_s=60)
@@ -145,3 +146,36 @@ async def test_committed_alerts_are_published_before_the_loop_turns(
     stop.set()
     await task
     assert sorted(sent) == sorted(a.payload for a in raised)
+
+
+async def test_an_alert_is_published_when_the_broker_acknowledges_it(
+        engine: AsyncEngine) -> None:
+    """The latency histogram, `on_published` and the mark take the PUBACK's time, as the
+    publish gives it (the network thread reads the clock), not the time the outbox's task
+    got to it: that task may wait behind the hot path for some ms."""
+    acked: dict[str, int] = {}
+    by_payload: dict[bytes, str] = {}
+
+    async def publish(topic: str, payload: bytes) -> int:
+        await asyncio.sleep(0.05)  # the loop learns of the PUBACK later than it came
+        return acked[by_payload[payload]]
+
+    latencies: list[float] = []
+    published: list[tuple[str, int]] = []
+    outbox = Outbox(engine, "bw", publish, wall_ms, latencies.append, sweep_s=60)
+    outbox.on_published = lambda a, at: published.append((a.alert_id, at))
+    stop = asyncio.Event()
+    task = asyncio.create_task(outbox.run(stop))
+    await asyncio.sleep(0.2)  # its first sweep found nothing
+    raised = await _pending(engine, 3)
+    acked.update({a.alert_id: a.received_ms + 7 + i for i, a in enumerate(raised)})
+    by_payload.update({a.payload: a.alert_id for a in raised})
+    outbox.notify(raised)
+    assert await until(lambda: len(published) == 3, 5)
+    stop.set()
+    await task
+    assert sorted(published) == sorted(acked.items())
+    assert sorted(latencies) == [0.007, 0.008, 0.009]
+    async with engine.connect() as conn:
+        marks = dict((await conn.execute(select(Alert.alert_id, Alert.published_ms))).all())
+    assert marks == acked
