@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import paho.mqtt.client as paho
 from paho.mqtt.client import PUBACK, PUBLISH
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -50,7 +49,7 @@ from ingest.config import Settings
 from ingest.pipeline import Inbound
 
 if TYPE_CHECKING:
-    from paho.mqtt.client import SocketLike, _InPacket  # typing only
+    from paho.mqtt.client import SocketLike  # a typing Protocol only
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +107,11 @@ class ReadAhead:
         self._pos += len(out)
         return out
 
-    def whole_packet(self) -> tuple[int, bytes] | None:
-        """The next MQTT packet, its first byte and the rest after the length, when all
-        of it is held; None when it is not (or its length is malformed: paho's own
-        reading then says so)."""
+    def whole_packet(self) -> tuple[int, bytes, int] | None:
+        """The next MQTT packet, when all of it is held: its first byte, the rest after
+        the length, and where it ends (for `skip_to`, once taken); None when it is not
+        (or its length is malformed: paho's own reading then says so). Nothing is
+        consumed: a packet not taken is read by paho from the same bytes."""
         buf, pos = self._buf, self._pos
         end = len(buf)
         at, length, shift = pos + 1, 0, 0
@@ -122,10 +122,12 @@ class ReadAhead:
             if not byte & 0x80:
                 if at + length > end:
                     return None
-                self._pos = at + length
-                return buf[pos], buf[at:at + length]
+                return buf[pos], buf[at:at + length], at + length
             shift += 7
         return None
+
+    def skip_to(self, pos: int) -> None:
+        self._pos = pos
 
     def pending(self) -> int:
         held = len(self._buf) - self._pos
@@ -176,27 +178,18 @@ class ReadsClient(paho.Client):
         return rc
 
     def _packet_read(self) -> MQTTErrorCode:
-        """A packet the read-ahead holds whole, handled in one step; anything else (a
-        packet in pieces, a read that fails) the way paho reads it, byte by byte."""
+        """A QoS 1 PUBLISH the read-ahead holds whole, taken in one step (`_read`);
+        anything else (another packet, one in pieces, a read that fails) the way paho
+        reads it, byte by byte."""
         sock = self._sock
         if self._in_packet["command"] or not isinstance(sock, ReadAhead):
             return super()._packet_read()
         held = sock.whole_packet()
-        if held is None:
+        if held is None or held[0] & 0xF0 != PUBLISH or not self._read(held[0], held[1]):
             return super()._packet_read()
-        command, body = held
+        sock.skip_to(held[2])
         self._last_bytes_received = time.monotonic()
-        if command & 0xF0 == PUBLISH and self._read(command, body):
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        self._in_packet["command"] = command
-        self._in_packet["packet"] = bytearray(body)
-        try:
-            rc = self._packet_handle()
-        except MalformedPacket as exc:
-            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
-            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = _fresh_packet()
-        return rc
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_publish(self) -> MQTTErrorCode:
         """A PUBLISH that paho read: ours to take (`_read`), or paho's."""
@@ -245,12 +238,6 @@ class ReadsClient(paho.Client):
         if mids:
             self._packet_queue(PUBACK, struct.pack(f"!{len(mids)}I", *(
                 _PUBACK_HEAD | mid for mid in mids)), 0, 0)
-
-
-def _fresh_packet() -> _InPacket:
-    """paho's state of a packet not begun (as `paho.Client._packet_read` resets it)."""
-    return {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
-            "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
 
 
 def _variable_int(data: bytes | bytearray, pos: int) -> tuple[int, int]:
