@@ -119,19 +119,29 @@ class Checkpointer:
       committing while it copies;
     - but the log only starts again from its beginning when a writer finds all
       of it copied, and at full load writers add to it while it is copied: it
-      grew to 1.4 GB in a minute. So once it holds `RESTART_FRAMES`, a second
+      grew to 1.4 GB in a minute. So once it holds `RESTART_FRAMES`, a last
       passive pass runs inside `write_turn`, where no writer of this process can add
-      to it; what the first pass left is little, and the next commit starts the
-      log again.
+      to it, and the next commit starts the log again. Before it, more passes
+      outside the turn copy what writers added during the one before, until that
+      is little (`LEFT_FOR_TURN`): the last pass, which every writer waits for,
+      copies only what they left.
 
     Other processes (the CLI) keep SQLite's default."""
 
-    # 64 MiB of 4 KiB pages. The second pass holds the turn some 20 to 35 ms whatever
-    # this is; at 4,096 it ran every second at half load, 2% of the time, and the
-    # alerts that came meanwhile were the p99 (alternated 20 s runs at 4,000
-    # batches/s, police p99: 58 and 70 ms at 4,096; 48 and 47 at 16,384; 79 and 80 at
-    # 32,768, where the longer first pass cost more than the rarer second one saved).
+    # 64 MiB of 4 KiB pages. The pass inside the turn held it some 20 to 35 ms
+    # whatever this was (before LEFT_FOR_TURN); at 4,096 it ran every second at half
+    # load, 2% of the time, and the alerts that came meanwhile were the p99
+    # (alternated 20 s runs at 4,000 batches/s, police p99: 58 and 70 ms at 4,096; 48
+    # and 47 at 16,384; 79 and 80 at 32,768, where the longer first pass cost more
+    # than the rarer second one saved).
     RESTART_FRAMES = 16_384
+    # Before the pass inside the turn, more passes outside it, while the one before
+    # still copied more than this (what writers added while the one before it ran).
+    # The pass inside the turn costs some 40 µs a page left (sqlite3 alone, a slow
+    # hour): after one pass it copied 500 to 800 pages and held the turn 33 to 45 ms.
+    # With these, p50 14 ms against 41 and 47 (probes at 6,000 batches/s, 2026-11-24).
+    LEFT_FOR_TURN = 64
+    CATCH_UP_PASSES = 4
     KEEP_LOG_BYTES = 64 << 20  # the log file's size kept after it starts again
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -150,12 +160,22 @@ class Checkpointer:
         try:
             result = await self._passive(self.path)
             if result[1] >= self.RESTART_FRAMES:
-                async with self.turn:
+                for _ in range(self.CATCH_UP_PASSES):
+                    before = result[2]
                     result = await self._passive(self.path)
+                    if result[2] - before <= self.LEFT_FOR_TURN:
+                        break  # (fewer than before: the log started again meanwhile)
+                if result[1] >= self.RESTART_FRAMES:
+                    result = await self._last_pass(self.path)
         except sqlite3.Error as exc:  # the log waits for the next one; commits go on
             log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
             return None
         return result
+
+    async def _last_pass(self, path: str) -> tuple[int, int, int]:
+        """The pass inside the turn: it copies what the passes before it left."""
+        async with self.turn:
+            return await self._passive(path)
 
     async def _passive(self, path: str) -> tuple[int, int, int]:
         if self._conn is None:
