@@ -126,7 +126,6 @@ async def test_a_log_grown_behind_a_reader_is_cut_back_once_it_starts_again(
         await checkpointer.close()
 
 
-
 async def test_the_pass_inside_the_turn_waits_until_little_is_left(
         lite: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writers add to the log while a pass copies it, and the pass inside the turn
@@ -135,9 +134,9 @@ async def test_the_pass_inside_the_turn_waits_until_little_is_left(
     than LEFT_FOR_TURN. (The test above runs it against real writers.)"""
     checkpointer = Checkpointer(lite)
     # (busy, frames in the log, frames copied) as each pass outside the turn finds
-    # them, the log growing by 400, 200, 100, 50 and 25 pages as they run.
-    found = iter([(0, 20_000, 20_000), (0, 20_400, 20_400), (0, 20_600, 20_600),
-                  (0, 20_700, 20_700), (0, 20_750, 20_750), (0, 20_775, 20_775)])
+    # them, the log growing by 400, 100, 30 and 10 pages as they run.
+    found = iter([(0, 20_000, 20_000), (0, 20_400, 20_400), (0, 20_500, 20_500),
+                  (0, 20_530, 20_530), (0, 20_540, 20_540)])
     outside: list[tuple[int, int, int]] = []
     inside: list[tuple[int, int, int]] = []
 
@@ -146,17 +145,18 @@ async def test_the_pass_inside_the_turn_waits_until_little_is_left(
         return outside[-1]
 
     async def pass_inside(_path: str) -> tuple[int, int, int]:
-        inside.append((0, 20_775, 20_775))
+        inside.append((0, 20_540, 20_540))
         return inside[-1]
 
     monkeypatch.setattr(checkpointer, "_passive", pass_outside)
     monkeypatch.setattr(checkpointer, "_last_pass", pass_inside)
     assert checkpointer.LEFT_FOR_TURN == 64
-    assert await checkpointer.checkpoint() == (0, 20_775, 20_775)
-    # The fifth pass copied 50 pages (the fourth, 100): the turn's comes next.
-    assert [f for _, f, _ in outside] == [20_000, 20_400, 20_600, 20_700, 20_750]
+    assert await checkpointer.checkpoint() == (0, 20_540, 20_540)
+    # The fourth pass copied 30 pages (the third, 100): the turn's comes next.
+    assert [f for _, f, _ in outside] == [20_000, 20_400, 20_500, 20_530]
     assert len(inside) == 1
-    outside.clear(), inside.clear()
+    outside.clear()
+    inside.clear()
     # A log that started again meanwhile (fewer frames than before): no more passes,
     # and none inside the turn.
     found = iter([(0, 20_000, 20_000), (0, 300, 300)])
@@ -164,7 +164,7 @@ async def test_the_pass_inside_the_turn_waits_until_little_is_left(
     assert len(outside) == 2 and not inside
     # At most CATCH_UP_PASSES more, however fast the writers are.
     found = iter([(0, 20_000 + 1_000 * k, 20_000 + 1_000 * k) for k in range(10)])
-    outside.clear(), inside.clear()
+    outside.clear()
     await checkpointer.checkpoint()
     assert len(outside) == 1 + checkpointer.CATCH_UP_PASSES and len(inside) == 1
     await checkpointer.close()
