@@ -185,11 +185,13 @@ class ReadsClient(paho.Client):
         if self._in_packet["command"] or not isinstance(sock, ReadAhead):
             return super()._packet_read()
         held = sock.whole_packet()
-        if held is None or held[0] & 0xF0 != PUBLISH or not self._read(held[0], held[1]):
-            return super()._packet_read()
-        sock.skip_to(held[2])
-        self._last_bytes_received = time.monotonic()
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if held is not None:
+            command, body, end = held
+            if command & 0xF0 == PUBLISH and self._read(command, body):
+                sock.skip_to(end)
+                self._last_bytes_received = time.monotonic()
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._packet_read()
 
     def _handle_publish(self) -> MQTTErrorCode:
         """A PUBLISH that paho read: ours to take (`_read`), or paho's."""

@@ -163,8 +163,9 @@ class Checkpointer:
                 for _ in range(self.CATCH_UP_PASSES):
                     before = result[2]
                     result = await self._passive(self.path)
+                    # Also below zero: the log started again during the pass.
                     if result[2] - before <= self.LEFT_FOR_TURN:
-                        break  # (fewer than before: the log started again meanwhile)
+                        break
                 if result[1] >= self.RESTART_FRAMES:
                     result = await self._last_pass(self.path)
         except sqlite3.Error as exc:  # the log waits for the next one; commits go on
