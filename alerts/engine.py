@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from alerts.geo import movement
@@ -92,11 +92,11 @@ class Vehicles:
             self._version = version
             self._cards.clear()
 
-    async def get(self, conn: AsyncConnection, tag: int,
-                  ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    def get(self, conn: Connection, tag: int,
+            ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
         card = self._cards.get(tag)
         if card is None:
-            card = (await _cards(conn, [tag]))[tag]
+            card = _cards(conn, [tag])[tag]
             if len(self._cards) >= self.MOST:
                 self._cards.clear()
             self._cards[tag] = card
@@ -112,17 +112,17 @@ class Vehicles:
         wanted = [t for t in tags if t not in self._cards][:max(0, self.MOST - len(self._cards))]
         for start in range(0, len(wanted), _LOAD_CHUNK):
             chunk = wanted[start:start + _LOAD_CHUNK]
-            found = await _cards(conn, chunk)
+            found = await conn.run_sync(_cards, chunk)
             if self._version != version:  # a newer version came in meanwhile: its own turn
                 return
             self._cards.update(found)
 
 
-async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str, StationInfo],
-                      now_ms: int, late_after_ms: int, vehicles: Vehicles,
-                      webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
-                      forecast: NextStations = lambda _previous, _current: [],
-                      ) -> RaisedAlert | None:
+def raise_alert(conn: Connection, s: Sighting, stations: Mapping[str, StationInfo],
+                now_ms: int, late_after_ms: int, vehicles: Vehicles,
+                webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
+                forecast: NextStations = lambda _previous, _current: [],
+                ) -> RaisedAlert | None:
     """The new alert for this visit, or None if it was raised before or the case closed.
     `forecast(previous station, station)` ranks `next_stations` (alerts.forecast).
     `webhooks(zone)` names the webhooks that take the zone's alerts: each gets a delivery
@@ -130,14 +130,16 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
 
     Three round trips (four with webhooks), each waited for by the alert: the case is
     counted first and given back in the rare event that the alert's unique key shows
-    it raised before (a repeated batch, another worker), all in this transaction."""
+    it raised before (a repeated batch, another worker), all in this transaction.
+    A plain function: the hot path runs its whole transaction in one go
+    (registry.db.in_transaction)."""
     station = stations.get(s.station) or StationInfo.unknown(s.station)
-    counted = (await conn.execute(_COUNT_CASE, {"p_case": s.case_id, "p_now": now_ms})).first()
+    counted = (conn.execute(_COUNT_CASE, {"p_case": s.case_id, "p_now": now_ms})).first()
     if counted is None:  # closed or expired between the snapshot and now: no alert
         return None
-    visits = (await conn.execute(_VISITS_SINCE, {
+    visits = (conn.execute(_VISITS_SINCE, {
         "p_tag": to_db(s.tag), "p_since": s.stolen_ms, "p_until": s.visit_first_ms})).all()
-    vehicle, owner = await vehicles.get(conn, s.tag)
+    vehicle, owner = vehicles.get(conn, s.tag)
     trajectory = _trajectory(visits, s, stations)
     prev = trajectory[-2] if len(trajectory) > 1 else None
     speed, heading = (None, None) if prev is None else movement(
@@ -155,23 +157,23 @@ async def raise_alert(conn: AsyncConnection, s: Sighting, stations: Mapping[str,
         "next_stations": forecast(prev["station"] if prev else None, s.station),
     }
     payload = orjson.dumps(doc)
-    inserted = await conn.execute(insert_ignore(conn, Alert, Alert.alert_id), {
+    inserted = conn.execute(insert_ignore(conn, Alert, Alert.alert_id), {
         "alert_id": alert_id, "kind": KIND_STOLEN, "case_id": s.case_id, "tag": to_db(s.tag),
         "station": s.station, "zone": station.zone, "visit_first_ms": s.visit_first_ms,
         "update_no": counted.updates, "raised_ms": now_ms, "received_ms": s.received_ms,
         "payload": payload.decode()})
     if inserted.first() is None:  # raised before: the count goes back
-        await conn.execute(_UNCOUNT_CASE, {"p_case": s.case_id})
+        conn.execute(_UNCOUNT_CASE, {"p_case": s.case_id})
         return None
-    await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
+    _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
     return RaisedAlert(alert_id, station.zone, payload, s.received_ms)
 
 
-async def _queue_deliveries(conn: AsyncConnection, alert_id: str, channels: Sequence[str],
-                            now_ms: int) -> None:
+def _queue_deliveries(conn: Connection, alert_id: str, channels: Sequence[str],
+                      now_ms: int) -> None:
     """One delivery row per webhook, in the alert's transaction (alerts.webhook)."""
     if channels:
-        await conn.execute(_QUEUE_DELIVERY, [
+        conn.execute(_QUEUE_DELIVERY, [
             {"alert_id": alert_id, "channel": name, "created_ms": now_ms, "next_ms": now_ms,
              "attempts": 0, "last_error": ""} for name in channels])
 
@@ -206,12 +208,12 @@ class Flagged:
     prev: tuple[str, int, int] | None = None  # the visit before: station, first_ms, last_ms
 
 
-async def _cards(conn: AsyncConnection, tags: Sequence[int],
-                 ) -> dict[int, tuple[dict[str, str] | None, dict[str, str] | None]]:
+def _cards(conn: Connection, tags: Sequence[int],
+           ) -> dict[int, tuple[dict[str, str] | None, dict[str, str] | None]]:
     """Each tag's `vehicle`, and its `owner` masked (`registry.privacy`), (None, None)
     for a tag not registered: a channel configured for full contact gets the owner
     filled in when it is sent."""
-    rows = await conn.execute(_VEHICLES.where(Vehicle.tag.in_([to_db(t) for t in tags])))
+    rows = conn.execute(_VEHICLES.where(Vehicle.tag.in_([to_db(t) for t in tags])))
     found = {from_db(r.tag): _card(r) for r in rows}
     return {t: found.get(t, (None, None)) for t in tags}
 
@@ -221,10 +223,10 @@ def _card(r: Any) -> tuple[dict[str, str] | None, dict[str, str] | None]:
     return {"plate": r.plate, "brand": r.brand, "color": r.color}, owner
 
 
-async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str, StationInfo],
-                        now_ms: int, late_after_ms: int, vehicles: Vehicles,
-                        webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
-                        ) -> RaisedAlert | None:
+def raise_flagged(conn: Connection, f: Flagged, stations: Mapping[str, StationInfo],
+                  now_ms: int, late_after_ms: int, vehicles: Vehicles,
+                  webhooks: Callable[[str], Sequence[str]] = lambda _zone: (),
+                  ) -> RaisedAlert | None:
     """One alert per kind, tag and visit (the alerts' unique key), or None if raised before.
     `update` is null: these kinds are not counted in a case; `trajectory` is the visit
     before (impossible_travel) and this one."""
@@ -240,7 +242,7 @@ async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str
                               "first_ms": f.prev[1], "last_ms": f.prev[2]})
         speed, heading = movement((before.lat, before.lon, f.prev[2], before.id),
                                   (station.lat, station.lon, f.visit_first_ms, f.station))
-    vehicle, owner = await vehicles.get(conn, f.tag)
+    vehicle, owner = vehicles.get(conn, f.tag)
     payload = orjson.dumps({
         "v": 1, "alert_id": alert_id, "kind": f.kind, "case_id": f.case_id, "update": None,
         "tag": format_tag(f.tag),
@@ -248,12 +250,12 @@ async def raise_flagged(conn: AsyncConnection, f: Flagged, stations: Mapping[str
         "station": station.as_alert(), "seen_ms": f.visit_first_ms, "raised_ms": now_ms,
         "late": now_ms - f.visit_first_ms > late_after_ms, "trajectory": trajectory,
         "speed_kmh": speed, "heading_deg": heading, "next_stations": []})
-    inserted = await conn.execute(insert_ignore(conn, Alert, Alert.alert_id), {
+    inserted = conn.execute(insert_ignore(conn, Alert, Alert.alert_id), {
         "alert_id": alert_id, "kind": f.kind, "case_id": f.case_id or "", "tag": to_db(f.tag),
         "station": f.station, "zone": station.zone, "visit_first_ms": f.visit_first_ms,
         "update_no": 0, "raised_ms": now_ms, "received_ms": f.received_ms,
         "payload": payload.decode()})
     if inserted.first() is None:
         return None
-    await _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
+    _queue_deliveries(conn, alert_id, webhooks(station.zone), now_ms)
     return RaisedAlert(alert_id, station.zone, payload, f.received_ms, f.kind)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import NextStations, RaisedAlert, Sighting, Vehicles, raise_alert
-from registry.db import reading
+from registry.db import in_transaction, reading, write_turn
 from registry.models import TheftCase, Visit
 from registry.stations import StationInfo
 from registry.tags import from_db
@@ -50,9 +50,9 @@ async def look_back(engine: AsyncEngine, case_ids: Collection[str],
     raised = []
     vehicles = Vehicles()
     for sighting in seen:
-        async with engine.begin() as conn:
-            alert = await raise_alert(conn, sighting, stations, now_ms, late_after_ms,
-                                      vehicles, webhooks, forecast)
+        async with write_turn(engine):
+            alert = await in_transaction(engine, raise_alert, sighting, stations, now_ms,
+                                         late_after_ms, vehicles, webhooks, forecast)
         if alert is not None:
             raised.append(alert)
     return raised

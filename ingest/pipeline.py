@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from sqlalchemy import case, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import (
     KIND_IMPOSSIBLE,
@@ -52,6 +52,7 @@ from ingest.health import StationHealth
 from ingest.metrics import Metrics
 from ingest.visitlog import UPSERT_VISIT, pack, segment_rows, upsert_segments
 from ingest.visits import NO_RSSI, Segments, VisitTracker
+from registry.db import in_transaction
 from registry.imports import NAME_RE
 from registry.models import RejectRecord, Station, Vehicle, Visit, VisitLog
 from registry.snapshot import StolenSet, StolenSetHolder
@@ -320,20 +321,19 @@ class Pipeline:
 
     async def store(self, decoded: Decoded) -> GroupResult:
         """Write and commit a decoded group. Raises on a database error, with the
-        in-memory state unchanged, so that the caller can retry with the same group."""
-        result = decoded.counted.copy()  # a retry starts again from what decoding found
+        in-memory state unchanged, so that the caller can retry with the same group.
+
+        The transaction is one plain function (`_write`), which on SQLite runs whole in
+        the database's thread (registry.db.in_transaction); what else the pipeline
+        keeps in memory (station health, what was alerted and seen, the metrics) is
+        changed here, in the event loop's thread, once it committed."""
         saved = self.tracker.saved()
         try:
-            async with self.engine.begin() as conn:
-                batches = await self._dedupe(conn, decoded.batches, result)
-                await self._stations(conn, decoded, batches, result)
-                if batches:
-                    await self._reads(conn, batches, result)
-                if decoded.rejects:
-                    await conn.execute(_KEEP_REJECTS, decoded.rejects)
+            result, batches = await in_transaction(self.engine, self._write, decoded)
         except BaseException:
             self.tracker.restore(saved)
             raise
+        self._heard(decoded, batches)
         for key in result.alerted:
             self._remember_alerted(key)
         self._recorded_unknown.update(result.unknown_recorded)
@@ -344,23 +344,38 @@ class Pipeline:
         self._count(result)
         return result
 
-    async def _dedupe(self, conn: AsyncConnection, batches: list[tuple[ReadBatch, int, bytes]],
-                      result: GroupResult) -> list[tuple[ReadBatch, int, bytes]]:
+    def _write(self, conn: Connection, decoded: Decoded,
+               ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:
+        """The group's transaction: what it changed, and its batches that were new."""
+        result = decoded.counted.copy()  # a retry starts again from what decoding found
+        batches = self._dedupe(conn, decoded.batches, result)
+        self._stations(conn, decoded, batches, result)
+        if batches:
+            self._reads(conn, batches, result)
+        if decoded.rejects:
+            conn.execute(_KEEP_REJECTS, decoded.rejects)
+        return result, batches
+
+    def _dedupe(self, conn: Connection, batches: list[tuple[ReadBatch, int, bytes]],
+                result: GroupResult) -> list[tuple[ReadBatch, int, bytes]]:
         if not batches:
             return []
-        new = await insert_new_keys(conn, [(*b.key, r) for b, r, _ in batches])
+        new = insert_new_keys(conn, [(*b.key, r) for b, r, _ in batches])
         fresh = [x for x in batches if x[0].key in new]
         result.duplicates += len(batches) - len(fresh)
         return fresh
 
-    async def _stations(self, conn: AsyncConnection, decoded: Decoded,
-                        batches: list[tuple[ReadBatch, int, bytes]], result: GroupResult) -> None:
+    def _heard(self, decoded: Decoded, batches: list[tuple[ReadBatch, int, bytes]]) -> None:
         for station, text, at in decoded.statuses:
             self.health.status(station, text, at)
         for station, at in decoded.heartbeats:
             self.health.heard(station, at)
         for batch, received, _ in batches:
             self.health.heard(batch.station, received, read=True)
+
+    def _stations(self, conn: Connection, decoded: Decoded,
+                  batches: list[tuple[ReadBatch, int, bytes]], result: GroupResult) -> None:
+        for batch, _, _ in batches:
             info = self.directory.get(batch.station)
             if info is None or not info.imported:
                 result.unknown_station_batches += 1
@@ -370,11 +385,11 @@ class Pipeline:
                    and NAME_RE.fullmatch(s)]
         if unknown:
             # PROTOCOL.md section 1: a station that was never imported is recorded as unknown.
-            await conn.execute(insert_ignore(conn, Station), [
+            conn.execute(insert_ignore(conn, Station), [
                 {"id": s, "name": "", "zone": "unassigned", "imported": False} for s in unknown])
             result.unknown_recorded += unknown
 
-    async def _reads(self, conn: AsyncConnection, batches: list[tuple[ReadBatch, int, bytes]],
+    def _reads(self, conn: Connection, batches: list[tuple[ReadBatch, int, bytes]],
                      result: GroupResult) -> None:
         lengths = np.array([len(b) for b, _, _ in batches], dtype=np.int64)
         reads = gather([b for b, _, _ in batches])
@@ -393,16 +408,15 @@ class Pipeline:
         read_idx, entry = snapshot.match(tag)  # the one membership test of the group
         stolen = np.zeros(len(segs), dtype=np.bool_)
         stolen[segs.read_seg[read_idx]] = True
-        key_first = await self._write_visits(conn, segs, stolen)
-        await self._alerts(conn, snapshot, read_idx, entry, tag, ts, received, segs, key_first,
+        key_first = self._write_visits(conn, segs, stolen)
+        self._alerts(conn, snapshot, read_idx, entry, tag, ts, received, segs, key_first,
                            result)
         tampered = segs.read_seg[(flags & FLAG_TAMPER) != 0]
         impossible = self._impossible(segs)
         if len(tampered) or impossible.any():
-            await self._flagged(conn, segs, tampered, impossible, received, snapshot, result)
+            self._flagged(conn, segs, tampered, impossible, received, snapshot, result)
 
-    async def _write_visits(self, conn: AsyncConnection, segs: Segments,
-                            stolen: np.ndarray) -> np.ndarray:
+    def _write_visits(self, conn: Connection, segs: Segments, stolen: np.ndarray) -> np.ndarray:
         """Make the segments durable; returns each one's visit key (first_ms) as stored.
 
         Stolen tags' segments go straight into `visits` (their alert reads the
@@ -414,29 +428,29 @@ class Pipeline:
         direct = np.flatnonzero(normal & stolen)
         logged = np.flatnonzero(normal & ~stolen)
         if len(logged):
-            await conn.execute(_LOG_SEGMENTS, pack(segment_rows(segs, logged), names))
+            conn.execute(_LOG_SEGMENTS, pack(segment_rows(segs, logged), names))
         if len(direct):
-            await upsert_segments(conn, segment_rows(segs, direct), names)
+            upsert_segments(conn, segment_rows(segs, direct), names)
         tags_db = segs.tag.view(np.int64)
         for i in np.flatnonzero(segs.late).tolist():
-            key_first[i] = await self._late_segment(conn, int(tags_db[i]), names[segs.station[i]],
-                                                    int(segs.first_ms[i]), int(segs.last_ms[i]),
-                                                    int(segs.reads[i]), int(segs.best_rssi[i]))
+            key_first[i] = self._late_segment(conn, int(tags_db[i]), names[segs.station[i]],
+                                              int(segs.first_ms[i]), int(segs.last_ms[i]),
+                                              int(segs.reads[i]), int(segs.best_rssi[i]))
         return key_first
 
-    async def _late_segment(self, conn: AsyncConnection, tag_db: int, station: str, first: int,
-                            last: int, reads: int, rssi: int) -> int:
+    def _late_segment(self, conn: Connection, tag_db: int, station: str, first: int, last: int,
+                      reads: int, rssi: int) -> int:
         """Fold reads that arrive after newer ones into the stored visit their time falls
         in (PROTOCOL.md section 3), or store them as a visit of their own."""
         gap = self.tracker.gap_ms
-        row = (await conn.execute(
+        row = (conn.execute(
             select(Visit.id, Visit.first_ms).where(
                 Visit.tag == tag_db, Visit.station == station,
                 Visit.first_ms <= last + gap, Visit.last_ms >= first - gap)
             .order_by(Visit.first_ms).limit(1))).first()
         best = None if rssi == NO_RSSI else rssi
         if row is None:
-            await executemany(conn, UPSERT_VISIT, [(tag_db, station, first, last, reads, best)])
+            executemany(conn, UPSERT_VISIT, [(tag_db, station, first, last, reads, best)])
             return first
         values: dict[str, Any] = {
             "last_ms": case((Visit.last_ms < last, last), else_=Visit.last_ms),
@@ -444,13 +458,13 @@ class Pipeline:
         if best is not None:
             values["best_rssi"] = case((Visit.best_rssi.is_(None), best),
                                        (Visit.best_rssi < best, best), else_=Visit.best_rssi)
-        await conn.execute(update(Visit).where(Visit.id == row.id).values(**values))
+        conn.execute(update(Visit).where(Visit.id == row.id).values(**values))
         # The stored visit keeps its key (first_ms): alerts already raised refer to it.
         return int(row.first_ms)
 
-    async def _alerts(self, conn: AsyncConnection, snapshot: StolenSet, read_idx: np.ndarray,
-                      entry: np.ndarray, tag: np.ndarray, ts: np.ndarray, received: np.ndarray,
-                      segs: Segments, key_first: np.ndarray, result: GroupResult) -> None:
+    def _alerts(self, conn: Connection, snapshot: StolenSet, read_idx: np.ndarray,
+                entry: np.ndarray, tag: np.ndarray, ts: np.ndarray, received: np.ndarray,
+                segs: Segments, key_first: np.ndarray, result: GroupResult) -> None:
         if not len(read_idx):
             return
         after = ts[read_idx] >= snapshot.stolen_at_ms[entry]  # reads before the theft don't count
@@ -467,7 +481,7 @@ class Pipeline:
             key = (case_id, station, int(key_first[seg]))
             if key in self._alerted:
                 continue
-            alert = await raise_alert(conn, Sighting(
+            alert = raise_alert(conn, Sighting(
                 case_id, int(tag[r]), station, key[2], int(snapshot.stolen_at_ms[e]),
                 int(received[r])), self.directory, now, self.late_after_ms, self.vehicles,
                 self.webhooks, self.forecast.next_stations)
@@ -510,9 +524,9 @@ class Pipeline:
             self._coords_key = key
         return self._coords
 
-    async def _flagged(self, conn: AsyncConnection, segs: Segments, tampered: np.ndarray,
-                       impossible: np.ndarray, received: np.ndarray, snapshot: StolenSet,
-                       result: GroupResult) -> None:
+    def _flagged(self, conn: Connection, segs: Segments, tampered: np.ndarray,
+                 impossible: np.ndarray, received: np.ndarray, snapshot: StolenSet,
+                 result: GroupResult) -> None:
         """tamper and impossible_travel alerts, for registered bikes, once per visit."""
         kinds: dict[int, list[str]] = {}
         for i in np.unique(tampered).tolist():
@@ -520,7 +534,7 @@ class Pipeline:
         for i in np.flatnonzero(impossible).tolist():
             kinds.setdefault(i, []).append(KIND_IMPOSSIBLE)
         tags = segs.tag[list(kinds)]
-        registered = {from_db(t) for t in (await conn.execute(
+        registered = {from_db(t) for t in (conn.execute(
             select(Vehicle.tag).where(Vehicle.tag.in_(np.unique(tags).view(np.int64).tolist()))
         )).scalars()}
         hit, entry = snapshot.match(tags)
@@ -542,7 +556,7 @@ class Pipeline:
                 if kind == KIND_IMPOSSIBLE:
                     prev = (self.tracker.station_name(int(segs.prev_station[i])),
                             int(segs.prev_first[i]), int(segs.prev_last[i]))
-                alert = await raise_flagged(conn, Flagged(
+                alert = raise_flagged(conn, Flagged(
                     kind, tag, station, key[2], int(seg_received[i]), cases.get(n), prev),
                     self.directory, now, self.late_after_ms, self.vehicles, self.webhooks)
                 result.alerted.append(key)

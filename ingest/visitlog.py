@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import delete, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.visits import NO_RSSI, Segments
-from registry.db import reading, write_turn
+from registry.db import in_transaction, reading, write_turn
 from registry.models import VisitLog
 from registry.sql import executemany
 
@@ -105,16 +105,16 @@ def merge_segments(rows: np.ndarray) -> np.ndarray:
     return merged
 
 
-async def upsert_segments(conn: AsyncConnection, rows: np.ndarray, names: list[str]) -> int:
+def upsert_segments(conn: Connection, rows: np.ndarray, names: list[str]) -> int:
     """Merge segments of the same visit, then upsert them; returns rows written."""
-    return await _upsert_merged(conn, merge_segments(rows), names)
+    return _upsert_merged(conn, merge_segments(rows), names)
 
 
-async def _upsert_merged(conn: AsyncConnection, m: np.ndarray, names: list[str]) -> int:
+def _upsert_merged(conn: Connection, m: np.ndarray, names: list[str]) -> int:
     """Upsert segments merged already, one per visit; returns rows written."""
     if not len(m):
         return 0
-    await executemany(conn, UPSERT_VISIT, list(zip(
+    executemany(conn, UPSERT_VISIT, list(zip(
         m["tag"].tolist(), [names[s] for s in m["station"].tolist()], m["first"].tolist(),
         m["last"].tolist(), m["reads"].tolist(),
         [None if x == NO_RSSI else x for x in m["rssi"].tolist()], strict=True)))
@@ -202,11 +202,14 @@ async def merge_oldest(engine: AsyncEngine, most_segments: int = 20_000,
 async def apply_logged(engine: AsyncEngine, row: Logged) -> int:
     """Upsert a log row into `visits` and delete it, in one transaction; returns the
     visit rows written (0 if another worker had it)."""
-    async with engine.begin() as conn:
-        gone = await conn.execute(delete(VisitLog).where(VisitLog.id == row.log_id))
-        if not gone.rowcount:
-            return 0
-        return await _upsert_merged(conn, row.rows, row.names)
+    return await in_transaction(engine, _apply, row)
+
+
+def _apply(conn: Connection, row: Logged) -> int:
+    gone = conn.execute(delete(VisitLog).where(VisitLog.id == row.log_id))
+    if not gone.rowcount:
+        return 0
+    return _upsert_merged(conn, row.rows, row.names)
 
 
 async def fold(engine: AsyncEngine, upto: int, most_segments: int = 20_000) -> None:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -189,6 +192,70 @@ class Checkpointer:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def in_transaction(engine: AsyncEngine, fn: Callable[Concatenate[Connection, P], T],
+                         *args: P.args, **kwargs: P.kwargs) -> T:
+    """`fn(conn, *args)` in one write transaction, committed when it returns.
+
+    On a SQLite file the whole function runs in a thread of its own, on a plain
+    sqlite3 connection to the same file (`_HotThread`): one trip there and back
+    a transaction. Through aiosqlite each statement is a trip, and each trip back
+    waits for the interpreter's lock: a group of the hot path made five to nine,
+    0.4 ms each at p50 and 0.9 at p90 under a quarter of full load (probe,
+    2026-11-25), with SQLite's write lock held throughout. Elsewhere (PostgreSQL,
+    in-memory SQLite) it runs through the engine's own driver (`run_sync`)."""
+    hot = _hot_thread(engine)
+    if hot is None:
+        async with engine.begin() as conn:
+            return await conn.run_sync(fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(
+        hot.thread, functools.partial(hot.run, fn, *args, **kwargs))
+
+
+class _HotThread:
+    """A thread and a synchronous engine on the SQLite file an async engine uses, set up
+    as the async engine's connections are (pragmas, BEGIN IMMEDIATE, and no checkpoint
+    on commit where the `Checkpointer` copies the log)."""
+
+    def __init__(self, path: str, checkpointed: bool) -> None:
+        self.engine = create_sync_engine(
+            f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False},
+            hide_parameters=True, pool_size=1, max_overflow=0)
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        if checkpointed:
+            event.listen(self.engine, "checkout", _checkpoints_elsewhere)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn, *args, **kwargs)
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=False)
+        self.engine.dispose()
+
+
+_HOT: weakref.WeakKeyDictionary[Any, _HotThread] = weakref.WeakKeyDictionary()
+
+
+def _hot_thread(engine: AsyncEngine) -> _HotThread | None:
+    """One per pool, so that it goes with it (`AsyncEngine.dispose` makes a new pool)."""
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+        return None
+    pool = engine.sync_engine.pool
+    hot = _HOT.get(pool)
+    if hot is None:
+        hot = _HOT[pool] = _HotThread(db, event.contains(
+            engine.sync_engine, "checkout", _checkpoints_elsewhere))
+        weakref.finalize(pool, hot.close)
+    return hot
 
 
 def reading(engine: AsyncEngine) -> AsyncEngine:

@@ -13,11 +13,12 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-def insert_ignore(conn: AsyncConnection, model: Any, *returning: Any) -> Any:
+def insert_ignore(conn: Connection | AsyncConnection, model: Any, *returning: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING [RETURNING ...], for the connection's dialect;
     its values are given as execute's parameters, or with `.values()` (a copy)."""
     return _insert_ignore(conn.dialect.name, getattr(model, "__table__", model), returning)
@@ -32,14 +33,14 @@ def _insert_ignore(dialect: str, table: Any, returning: tuple[Any, ...]) -> Any:
     return stmt.returning(*returning) if returning else stmt
 
 
-def placeholders(conn: AsyncConnection, n: int) -> str:
+def placeholders(conn: Connection, n: int) -> str:
     """n driver placeholders: `?` for sqlite3, `$1..$n` for asyncpg."""
     if conn.dialect.paramstyle == "numeric_dollar":
         return ",".join(f"${i}" for i in range(1, n + 1))
     return ",".join("?" * n)
 
 
-async def executemany(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+def executemany(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
     """Run one statement for many rows straight through the driver.
 
     On the hot path SQLAlchemy's per-row parameter processing costs ~10 µs a
@@ -47,10 +48,10 @@ async def executemany(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...
     VALUES placeholders go.
     """
     if rows:
-        await conn.exec_driver_sql(sql.format(params=placeholders(conn, len(rows[0]))), rows)
+        conn.exec_driver_sql(sql.format(params=placeholders(conn, len(rows[0]))), rows)
 
 
-async def insert_new_keys(conn: AsyncConnection, rows: list[tuple[str, int, int, int]],
+def insert_new_keys(conn: Connection, rows: list[tuple[str, int, int, int]],
                           ) -> set[tuple[str, int, int]]:
     """Insert (station, boot, seq, received_ms) dedupe keys; return those that were new.
 
@@ -62,21 +63,21 @@ async def insert_new_keys(conn: AsyncConnection, rows: list[tuple[str, int, int,
         return set()
     if conn.dialect.name == "postgresql":
         columns = [list(c) for c in zip(*rows, strict=True)]
-        result = await conn.exec_driver_sql(
+        result = conn.exec_driver_sql(
             "INSERT INTO seen_batches (station, boot, seq, received_ms) "
             "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) "
             "ON CONFLICT DO NOTHING RETURNING station, boot, seq",
             tuple(columns))
         inserted: Sequence[Any] = result.all()
         return {(r[0], r[1], r[2]) for r in inserted}
-    result = await conn.exec_driver_sql(
+    result = conn.exec_driver_sql(
         "INSERT OR IGNORE INTO seen_batches (station, boot, seq, received_ms) "
         "VALUES (?,?,?,?)", rows)
     if result.rowcount == len(rows):
         return {(r[0], r[1], r[2]) for r in rows}
     new = set()
     for station, boot, seq, received_ms in rows:
-        stored = (await conn.exec_driver_sql(
+        stored = (conn.exec_driver_sql(
             "SELECT received_ms FROM seen_batches WHERE station=? AND boot=? AND seq=?",
             (station, boot, seq))).scalar()
         if stored == received_ms:

@@ -15,12 +15,14 @@ close. A transaction's BEGIN goes in the same trip as its first statement
 no trip: the pool's rollback of every connection given back after a commit
 did, and SQLite had nothing to roll back. A group of the hot path was five
 trips (BEGIN, the dedupe keys, the visit log, COMMIT, that rollback); it is
-three. Everything else (the pool, COMMIT, errors) is SQLAlchemy's aiosqlite
-dialect, unchanged; `registry.db.create_engine` passes `DBAPI` as the
-engine's module. It leans on two names that are not public:
-`aiosqlite.Connection._execute` (how aiosqlite's own cursor runs its calls)
-and the adapter's `_cursor_cls`; tests/registry/test_sqlite_driver.py fails
-if either stops being used.
+three. (The hot path's groups and the materializer's upserts now go further:
+`registry.db.in_transaction` runs each whole transaction in a thread of its
+own, one trip; this driver serves everything else.) Everything else (the
+pool, COMMIT, errors) is SQLAlchemy's aiosqlite dialect, unchanged;
+`registry.db.create_engine` passes `DBAPI` as the engine's module. It leans
+on two names that are not public: `aiosqlite.Connection._execute` (how
+aiosqlite's own cursor runs its calls) and the adapter's `_cursor_cls`;
+tests/registry/test_sqlite_driver.py fails if either stops being used.
 """
 
 from __future__ import annotations

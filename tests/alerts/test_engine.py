@@ -42,9 +42,9 @@ async def _raise(engine: AsyncEngine, first_ms: int, vehicles: Vehicles,
     async with engine.begin() as conn:
         vehicles.at_version(await registry_version(conn))
         directory = await load_directory(conn)
-        return await raise_alert(conn, Sighting(CASE, STOLEN, station, first_ms,
-                                                now - 3_600_000, now), directory, now,
-                                 300_000, vehicles)
+        return await conn.run_sync(raise_alert, Sighting(CASE, STOLEN, station, first_ms,
+                                                         now - 3_600_000, now), directory,
+                                   now, 300_000, vehicles)
 
 
 async def _updates(engine: AsyncEngine) -> int:
@@ -93,7 +93,7 @@ async def test_a_vehicle_changed_is_shown_from_the_next_registry_version(
 class _NoTrips:
     """A connection that fails any statement: what `Vehicles.get` finds must be held."""
 
-    async def execute(self, *_: object) -> None:
+    def execute(self, *_: object) -> None:
         raise AssertionError("a trip to the database")
 
 
@@ -104,16 +104,16 @@ async def test_cards_loaded_for_the_open_cases_need_no_trip(engine: AsyncEngine)
     async with engine.connect() as conn:
         version = await registry_version(conn)
         await vehicles.load(conn, version, [STOLEN, unknown])
-    vehicle, owner = await vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
+    vehicle, owner = vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
     assert vehicle is not None and vehicle["plate"] and owner is not None
-    assert await vehicles.get(_NoTrips(), unknown) == (None, None)  # type: ignore[arg-type]
+    assert vehicles.get(_NoTrips(), unknown) == (None, None)  # type: ignore[arg-type]
     # The same cards as one fetched alone.
     async with engine.connect() as conn:
-        assert await Vehicles().get(conn, STOLEN) == (vehicle, owner)
+        assert await conn.run_sync(Vehicles().get, STOLEN) == (vehicle, owner)
     # A new registry version forgets them.
     vehicles.at_version(version + 1)
     with pytest.raises(AssertionError, match="a trip"):
-        await vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
+        vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
 
 
 async def test_the_refresher_loads_the_cards_of_the_open_cases(engine: AsyncEngine) -> None:
@@ -123,5 +123,5 @@ async def test_the_refresher_loads_the_cards_of_the_open_cases(engine: AsyncEngi
     await _staged(engine)
     worker = Worker(Settings.load(None, {}), engine)
     await worker._refresh()
-    vehicle, _ = await worker.pipeline.vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
+    vehicle, _ = worker.pipeline.vehicles.get(_NoTrips(), STOLEN)  # type: ignore[arg-type]
     assert vehicle is not None

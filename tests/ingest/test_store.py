@@ -37,8 +37,8 @@ async def test_a_retried_group_counts_once(broker: BrokerHandle, tmp_path: Path)
 
         reads, failed = w.pipeline._reads, list[bool]()
 
-        async def fail_once(*args: Any) -> None:
-            await reads(*args)  # the result is filled in, then the transaction fails
+        def fail_once(*args: Any) -> None:
+            reads(*args)  # the result is filled in, then the transaction fails
             if not failed:
                 failed.append(True)
                 raise OperationalError("COMMIT", {}, Exception("database is locked"))

@@ -28,12 +28,12 @@ async def test_visits_upserted_are_the_rows_given(engine: AsyncEngine,
                                                   rows: list[tuple[object, ...]]) -> None:
     async with engine.begin() as conn:
         await conn.execute(delete(Visit))
-        await executemany(conn, UPSERT_VISIT, rows)
+        await conn.run_sync(executemany, UPSERT_VISIT, rows)
         stored = (await conn.execute(select(
             Visit.tag, Visit.station, Visit.first_ms, Visit.last_ms, Visit.reads,
             Visit.best_rssi))).all()
         assert sorted(map(tuple, stored), key=repr) == sorted(rows, key=repr)
-        await executemany(conn, UPSERT_VISIT, rows)  # the same again: reads add up
+        await conn.run_sync(executemany, UPSERT_VISIT, rows)  # the same again: reads add up
         reads = {(r.tag, r.station, r.first_ms): r.reads for r in (await conn.execute(
             select(Visit.tag, Visit.station, Visit.first_ms, Visit.reads))).all()}
         assert reads == {(r[0], r[1], r[2]): 2 * r[4] for r in rows}  # type: ignore[operator]
@@ -43,10 +43,10 @@ async def test_visits_upserted_are_the_rows_given(engine: AsyncEngine,
 async def test_new_keys_are_those_not_stored_before(engine: AsyncEngine, repeat: bool) -> None:
     first = [("S-1", 7, seq, 1_000 + seq) for seq in range(50)] + [("S-'2\"", -1, 2**40, 5)]
     async with engine.begin() as conn:
-        assert await insert_new_keys(conn, first) == {k[:3] for k in first}
+        assert await conn.run_sync(insert_new_keys, first) == {k[:3] for k in first}
         again = first[:10] if repeat else []
         later = [("S-1", 7, seq, 9_000) for seq in range(50, 60)]
         # A key seen before, offered again with another receive time, is not new.
         offered = [(s, b, q, 9_000) for s, b, q, _ in again] + later
-        assert await insert_new_keys(conn, offered) == {k[:3] for k in later}
+        assert await conn.run_sync(insert_new_keys, offered) == {k[:3] for k in later}
         assert (await conn.execute(select(SeenBatch))).all().__len__() == 61
