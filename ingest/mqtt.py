@@ -267,6 +267,7 @@ class Inbox:
         self._on_wait = on_wait
         self._items: deque[Inbound] = deque()
         self._ready = asyncio.Event()
+        self._arrivals = asyncio.Event()  # the same wake-ups, for `arrived`
         self._wake_pending = False
         self.capacity = capacity
         # Twice what we advertise as Receive Maximum. Mosquitto 2.0.11 honours that only
@@ -316,6 +317,12 @@ class Inbox:
     def _wake(self) -> None:
         self._wake_pending = False  # before the consumer runs: a later message wakes it again
         self._ready.set()
+        self._arrivals.set()
+
+    async def arrived(self) -> None:
+        """Return when messages came since the last call (many may come per wake-up)."""
+        await self._arrivals.wait()
+        self._arrivals.clear()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -1,7 +1,8 @@
 """The hot path, in one place: a group of MQTT messages in, one transaction out.
 
     split       the messages of stations that heard a stolen tag first, as a group
-                of their own (the express lane)
+                of their own (the express lane); those that come while a take is
+                stored, at the end of its last transaction (`hold`)
     decode      every payload into a ReadBatch, or a rejection with its reason
     dedupe      drop (station, boot, seq) seen before: memory window, then the
                 seen_batches table (the database decides; the window saves a trip)
@@ -12,9 +13,10 @@
     health      heartbeats, status and reads move each station's last-heard time
 
 `Pipeline.decode` decodes a group, with no I/O (outside SQLite's write turn);
-`Pipeline.store` runs the rest and commits once; only then may the caller
-acknowledge the group's messages to the broker (DESIGN.md decision 3). If the
-transaction fails, the in-memory state is put back as it was (what it alerted is
+`Pipeline.store` runs the rest as one plain function (`_write`, on SQLite whole
+in the database's thread: registry.db.in_transaction) and commits once; only then
+may the caller acknowledge the group's messages to the broker (DESIGN.md decision
+3). If the transaction fails, the in-memory state is put back as it was (what it alerted is
 remembered only once committed), and the caller stores the same decoded group
 again: nothing was acknowledged, nothing is lost.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -112,6 +114,20 @@ class GroupResult:
     alerted: list[tuple[object, ...]] = field(default_factory=list)
     unknown_recorded: list[str] = field(default_factory=list)
 
+    def add(self, other: GroupResult) -> None:
+        """Count `other` (another group of the same transaction) in this one."""
+        for name in ("received", "reads", "batches", "duplicates", "unknown_station_batches",
+                     "skewed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.rejected, other.rejected),
+                             (self.rejected_reads, other.rejected_reads),
+                             (self.alert_kinds, other.alert_kinds)):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
+        self.alerts += other.alerts
+        self.alerted += other.alerted
+        self.unknown_recorded += other.unknown_recorded
+
     def copy(self) -> GroupResult:
         return replace(self, rejected=dict(self.rejected),
                        rejected_reads=dict(self.rejected_reads), alerts=list(self.alerts),
@@ -151,6 +167,9 @@ class Pipeline:
         self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._seen_max = dedupe_window
         self._alerted: OrderedDict[tuple[object, ...], None] = OrderedDict()
+        # Decoded sightings pulled from the inbox while a take is stored (`hold`): the
+        # event loop appends, the database's thread takes (deque ends are thread-safe).
+        self._held: deque[Decoded] = deque()
         self.vehicles = Vehicles()
         self.impossible_kmh = impossible_kmh
         self._coords_key: tuple[int, int] | None = None
@@ -263,19 +282,11 @@ class Pipeline:
         the first transaction too, with its station's messages before it, when they
         are few (`_pulled`); the caller leaves stand-ins in the inbox for them
         (`Inbox.stand_in`), acknowledged in their turn."""
-        snapshot = self.holder.current
-        if len(snapshot) == 0 or len(msgs) <= EXPRESS_MIN_REST:
+        if len(self.holder.current) == 0 or len(msgs) <= EXPRESS_MIN_REST:
             return [msgs], []
-        n = len(msgs)
-        looked = [*msgs, *later[new:]]
-        tags, of = binary_tags([m.payload for m in looked])
-        hit, _ = snapshot.match(tags)
-        if not len(hit):
-            return [msgs], []
-        sightings = np.unique(of[hit]).tolist()  # ascending
         station = [self._station(m.topic) for m in msgs]
-        heard = {station[i] for i in sightings if i < n}
-        pulled = self._pulled(later, [i - n + new for i in sightings if i >= n])
+        heard = {station[i] for i in self._sightings(msgs)}
+        pulled = self.pull_sightings(later, new)
         heard.update(self._station(later[i].topic) for i in pulled)
         if not heard:  # only sightings deep in the backlog: they wait for their turn
             return [msgs], []
@@ -285,6 +296,32 @@ class Pipeline:
         if len(rest) < EXPRESS_MIN_REST:
             return [[*msgs, *taken]], pulled
         return [[*express, *taken], rest], pulled
+
+    def pull_sightings(self, later: Sequence[Inbound], new: int) -> list[int]:
+        """Which of `later` (the inbox's messages) to store out of turn: the sightings
+        among `later[new:]` (not looked into before), each with its station's messages
+        before it, when they are few (`_pulled`)."""
+        sightings = self._sightings(later[new:])
+        return self._pulled(later, [i + new for i in sightings]) if sightings else []
+
+    def _sightings(self, msgs: Sequence[Inbound]) -> list[int]:
+        """Indices of the binary batches among `msgs` that hold a stolen tag, ascending."""
+        snapshot = self.holder.current
+        if len(snapshot) == 0 or not msgs:
+            return []
+        tags, of = binary_tags([m.payload for m in msgs])
+        hit, _ = snapshot.match(tags)
+        return np.unique(of[hit]).tolist() if len(hit) else []
+
+    def hold(self, msgs: list[Inbound]) -> None:
+        """Sightings pulled from the inbox while a take is being stored: decoded now, and
+        written at the end of the take's last transaction (`store(..., held=True)`), as
+        their stations' messages before them are in that take or pulled with them."""
+        self._held.append(self.decode(msgs))
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
 
     @staticmethod
     def _pulled(later: Sequence[Inbound], sightings: list[int]) -> list[int]:
@@ -296,7 +333,8 @@ class Pipeline:
         wanted = {later[i].topic for i in sightings}
         at: dict[str, list[int]] = {topic: [] for topic in wanted}
         for j, m in enumerate(later):
-            if m.topic in wanted:
+            # A stand-in's message was pulled before: it is stored, or held, already.
+            if m.topic in wanted and not m.stored:
                 at[m.topic].append(j)
         upto: dict[str, int] = {}  # topic -> how many of its messages go
         total = 0
@@ -319,34 +357,52 @@ class Pipeline:
         """Decode, write and commit a group (`decode`, then `store`)."""
         return await self.store(self.decode(msgs))
 
-    async def store(self, decoded: Decoded) -> GroupResult:
-        """Write and commit a decoded group. Raises on a database error, with the
-        in-memory state unchanged, so that the caller can retry with the same group.
+    async def store(self, decoded: Decoded, *, held: bool = False) -> GroupResult:
+        """Write and commit a decoded group, and with `held` the sightings held for the
+        end of the take (`hold`); what they changed, together. Raises on a database
+        error, with the in-memory state unchanged (the held sightings held again), so
+        that the caller can retry with the same group.
 
         The transaction is one plain function (`_write`), which on SQLite runs whole in
         the database's thread (registry.db.in_transaction); what else the pipeline
         keeps in memory (station health, what was alerted and seen, the metrics) is
         changed here, in the event loop's thread, once it committed."""
         saved = self.tracker.saved()
+        taken: list[Decoded] = []  # held sightings the transaction took, in order
         try:
-            result, batches = await in_transaction(self.engine, self._write, decoded)
+            parts = await in_transaction(self.engine, self._write, decoded,
+                                         taken if held else None)
         except BaseException:
             self.tracker.restore(saved)
+            self._held.extendleft(reversed(taken))
             raise
-        self._heard(decoded, batches)
-        for key in result.alerted:
-            self._remember_alerted(key)
-        self._recorded_unknown.update(result.unknown_recorded)
-        for batch, _, _ in decoded.batches:
-            self._seen[batch.key] = None
+        total = GroupResult()
+        for part, (result, batches) in zip([decoded, *taken], parts, strict=True):
+            self._heard(part, batches)
+            for key in result.alerted:
+                self._remember_alerted(key)
+            self._recorded_unknown.update(result.unknown_recorded)
+            for batch, _, _ in part.batches:
+                self._seen[batch.key] = None
+            total.add(result)
         while len(self._seen) > self._seen_max:
             self._seen.popitem(last=False)
-        self._count(result)
-        return result
+        self._count(total)
+        return total
 
-    def _write(self, conn: Connection, decoded: Decoded,
-               ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:
-        """The group's transaction: what it changed, and its batches that were new."""
+    def _write(self, conn: Connection, decoded: Decoded, taken: list[Decoded] | None,
+               ) -> list[tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]]:
+        """The transaction: the group, then, where `taken` is given, the sightings held
+        meanwhile (each put in `taken`); for each, what it changed and its new batches.
+        Held sightings are taken here, as late as can be: some came during this group."""
+        parts = [self._write_group(conn, decoded)]
+        while taken is not None and self._held:
+            taken.append(self._held.popleft())
+            parts.append(self._write_group(conn, taken[-1]))
+        return parts
+
+    def _write_group(self, conn: Connection, decoded: Decoded,
+                     ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:
         result = decoded.counted.copy()  # a retry starts again from what decoding found
         batches = self._dedupe(conn, decoded.batches, result)
         self._stations(conn, decoded, batches, result)

@@ -135,6 +135,7 @@ class Worker:
         # Received time of the oldest message in hand, None when caught up: the intake lag
         # is computed at scrape time, so it grows while a group waits for the database.
         self._behind_since: int | None = None
+        self._storing = False  # a take is being stored (`_watch`)
         self.metrics.intake_lag.set_function(
             lambda: 0 if self._behind_since is None
             else max(0, self.clock() - self._behind_since) / 1000)
@@ -172,6 +173,7 @@ class Worker:
                 freeze_what_started()
             async with asyncio.TaskGroup() as tg:
                 consume = tg.create_task(self._consume(inbox, link), name="consume")
+                watch = tg.create_task(self._watch(inbox), name="watch")
                 # These stop by themselves once `stop` is set, between two transactions:
                 # a task cancelled inside one could leave SQLite's write lock taken.
                 others = [
@@ -199,8 +201,9 @@ class Worker:
                 http = tg.create_task(server.serve(sockets=[sock]), name="http")
                 await self.stop.wait()
                 consume.cancel()  # cancellation lands only between groups, see _consume
+                watch.cancel()  # what it held is not acknowledged: the broker sends it again
                 server.should_exit = True
-                await asyncio.wait({consume, http, *others})
+                await asyncio.wait({consume, watch, http, *others})
             await drain(self.engine)
             await self._health(None)
         finally:
@@ -222,9 +225,30 @@ class Worker:
             # shield it from cancellation, which then takes effect at the next take().
             self.metrics.inflight.set(len(msgs) + len(inbox))
             self._behind_since = msgs[0].received_ms
-            await asyncio.shield(self._groups(msgs, link, inbox))
+            self._storing = True
+            try:
+                await asyncio.shield(self._groups(msgs, link, inbox))
+            finally:
+                self._storing = False
             if not inbox:  # caught up
                 self._behind_since = None
+
+    async def _watch(self, inbox: Inbox) -> None:
+        """While a take is being stored, pull the stolen sightings that arrive from the
+        inbox (`Pipeline.pull_sightings`), to be written at the end of the take's last
+        transaction (`Pipeline.hold`): a sighting then waits for the rest of that
+        transaction, not for the whole take, its acknowledgements and the next take's
+        decoding. The stand-ins left in the inbox are acknowledged in their turn, after
+        that transaction committed (`_groups` writes what is still held first)."""
+        while True:
+            await inbox.arrived()
+            if not self._storing:
+                continue  # the consumer takes it at once, and `split` looks into it
+            later, new = inbox.later()
+            pulled = self.pipeline.pull_sightings(later, new)
+            if pulled:
+                inbox.stand_in(pulled)
+                self.pipeline.hold([later[i] for i in pulled])
 
     async def _groups(self, msgs: list[Inbound], link: MqttLink, inbox: Inbox) -> None:
         """What was taken: stolen sightings first, in a group of their own
@@ -233,21 +257,25 @@ class Worker:
         requires of PUBACKs (3.1.1 and 5, section 4.6): a sighting taken from the
         backlog is acknowledged when its stand-in's turn comes. Committed and not yet
         acknowledged, a batch that comes again after a crash is a duplicate."""
+        if self.pipeline.holding:  # held after the last take's last transaction began
+            await self._group([], last=True)
         todo = [m for m in msgs if not m.stored]
         groups, pulled = self.pipeline.split(todo, *inbox.later())
         inbox.stand_in(pulled)
-        for group in groups:
-            await self._group(group)
+        groups = [g for g in groups if g]  # stand-ins only: nothing to write
+        for n, group in enumerate(groups, 1):
+            await self._group(group, last=n == len(groups))
         link.ack(msgs)
 
-    async def _group(self, msgs: list[Inbound]) -> None:
+    async def _group(self, msgs: list[Inbound], *, last: bool = False) -> None:
+        """Store a group; the take's `last` also writes the sightings held meanwhile."""
         delay = 0.1
         with self.metrics.group_seconds.time():
             decoded = self.pipeline.decode(msgs)
             while True:
                 try:
                     async with self._turn:
-                        result = await self.pipeline.store(decoded)
+                        result = await self.pipeline.store(decoded, held=last)
                     break
                 except DB_ERRORS as exc:
                     # The database is away: keep the group unacknowledged and try again;

@@ -1,5 +1,6 @@
-"""The express lane (Pipeline.split): the stations that heard a stolen tag go first, as
-a group of their own, and what is stored comes out as if the group had been one."""
+"""The express lane (Pipeline.split, Worker._watch): the stations that heard a stolen tag
+go first, as a group of their own or at the end of the take being stored, and what is
+stored comes out as if the group had been one."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
@@ -268,3 +270,111 @@ async def test_a_deep_backlog_keeps_its_order(worker: Worker) -> None:
     await worker._groups(await inbox.take(40), cast(MqttLink, _Acks()), inbox)
     assert sent == []
     assert not any(m.stored for m in await inbox.take(1000))
+
+
+async def test_a_sighting_that_comes_during_a_take_is_written_at_its_end(
+        worker: Worker) -> None:
+    """While a take is stored, a sighting that arrives is pulled from the inbox (its
+    stand-in left), written in the take's last transaction after the take's own
+    messages of its station, and acknowledged in its turn."""
+    t = _town(worker)
+    t.crowd(20)
+    t.batch(THEFT_SEEN, [5])       # 20: the station, in the take
+    t.crowd(20)
+    inbox = _inbox(t.msgs)
+    take = await inbox.take(len(t.msgs))
+    sent = _alerts_sent(worker)
+    acks = _Acks()
+    watch = asyncio.create_task(worker._watch(inbox))
+    try:
+        await worker._turn.acquire()  # the take will wait for the write turn
+        worker._storing = True
+        storing = asyncio.create_task(worker._groups(take, cast(MqttLink, acks), inbox))
+        await _turns()
+        sighting = t.batch(THEFT_SEEN, [STOLEN, 5])
+        inbox.put_threadsafe(sighting)
+        inbox.put_threadsafe(t.batch("SP-0042", [6]))
+        await _turns()
+        assert worker.pipeline.holding
+        worker._turn.release()
+        await storing
+    finally:
+        watch.cancel()
+    assert sent == [sighting.received_ms] and acks.acked == [take]
+    behind = await inbox.take(10)
+    assert [m.stored for m in behind] == [True, False]
+    await worker._groups(behind, cast(MqttLink, acks), inbox)
+    assert acks.acked[1] == behind and len(sent) == 1
+    assert worker.registry.get_sample_value("bikewatch_duplicate_batches_total") == 0
+    assert worker.registry.get_sample_value("bikewatch_batches_total") == len(t.msgs)
+    visits, _ = await _stored(worker)
+    at_station = [v for v in visits if v[1] == THEFT_SEEN and v[0] == 5]
+    assert len(at_station) == 1 and at_station[0][4] == 2  # one visit: folded in order
+
+
+async def test_no_sighting_is_held_while_no_take_is_stored(worker: Worker) -> None:
+    """The consumer takes it at once then, and `split` looks into it; the watcher looks
+    into it once a take is being stored, if it is still in the inbox."""
+    t = _town(worker)
+    inbox = _inbox([])
+    watch = asyncio.create_task(worker._watch(inbox))
+    try:
+        inbox.put_threadsafe(t.batch(THEFT_SEEN, [STOLEN]))
+        await _turns()
+        assert not worker.pipeline.holding
+        worker._storing = True
+        inbox.put_threadsafe(t.batch("SP-0042", [6]))
+        await _turns()
+        assert worker.pipeline.holding
+    finally:
+        watch.cancel()
+    assert [m.stored for m in await inbox.take(10)] == [True, False]
+
+
+async def test_a_stand_in_is_not_pulled_again(worker: Worker) -> None:
+    """Two sightings at one station, each pulled while held ones wait: the second pull
+    leaves the first's stand-in where it is, or its reads would be stored twice."""
+    t = _town(worker)
+    inbox = _inbox([])
+    worker._storing = True
+    watch = asyncio.create_task(worker._watch(inbox))
+    try:
+        for tags in ([STOLEN], [STOLEN, 5]):
+            inbox.put_threadsafe(t.batch(THEFT_SEEN, tags))
+            await _turns()
+    finally:
+        watch.cancel()
+    assert [len(d.batches) for d in worker.pipeline._held] == [1, 1]
+    result = await worker.pipeline.store(worker.pipeline.decode([]), held=True)
+    assert (result.batches, result.reads, result.duplicates) == (2, 3, 0)
+
+
+async def test_held_sightings_are_held_again_when_the_transaction_fails(
+        worker: Worker) -> None:
+    t = _town(worker)
+    t.crowd(3)
+    sighting = t.batch(THEFT_SEEN, [STOLEN])
+    worker.pipeline.hold([sighting])
+    reads, failed = worker.pipeline._reads, list[bool]()
+
+    def fail_once(*args: Any) -> None:
+        reads(*args)
+        if not failed:
+            failed.append(True)
+            raise OperationalError("COMMIT", {}, Exception("database is locked"))
+
+    worker.pipeline._reads = fail_once  # type: ignore[method-assign,assignment]
+    decoded = worker.pipeline.decode(t.msgs[:3])
+    with pytest.raises(OperationalError):
+        await worker.pipeline.store(decoded, held=True)
+    assert worker.pipeline.holding
+    result = await worker.pipeline.store(decoded, held=True)
+    assert not worker.pipeline.holding
+    assert (result.batches, len(result.alerts)) == (4, 1)
+    assert result.alerts[0].received_ms == sighting.received_ms
+
+
+async def _turns(n: int = 5) -> None:
+    """Let the event loop run what is ready (the watcher's wake-ups)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
