@@ -14,11 +14,11 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import RaisedAlert
-from registry.db import DB_ERRORS, reading, write_turn
+from registry.db import DB_ERRORS, in_transaction, reading, write_turn
 from registry.models import Alert
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ MARK_AFTER_S = 0.5
 # Built once, as every alert's statements are (registry.sql's note says why).
 _MARK = (update(Alert).where(Alert.alert_id == bindparam("aid"))
          .values(published_ms=bindparam("at")))
+
+
+def _mark(conn: Connection, marks: dict[str, int]) -> None:
+    conn.execute(_MARK, [{"aid": a, "at": t} for a, t in marks.items()])
 
 
 async def pause(seconds: float, stop: asyncio.Event) -> None:
@@ -159,8 +163,8 @@ class Outbox:
         """Mark what was published, many alerts a transaction."""
         while self._unmarked:
             marks = dict(self._unmarked)
-            async with self.turn, self.engine.begin() as conn:
-                await conn.execute(_MARK, [{"aid": a, "at": t} for a, t in marks.items()])
+            async with self.turn:
+                await in_transaction(self.engine, _mark, marks)
             for a in marks:
                 self._unmarked.pop(a, None)
 

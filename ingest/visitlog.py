@@ -185,18 +185,26 @@ async def merge_oldest(engine: AsyncEngine, most_segments: int = 20_000,
                                                         not lone)
         if lone:
             return [Logged(logged[0].id, chunks[0], names)]
-        async with write_turn(engine), engine.begin() as conn:
-            gone = await conn.execute(
-                delete(VisitLog).where(VisitLog.id.in_([r.id for r in logged])))
-            if gone.rowcount != len(logged):  # another worker took some: read again
-                await conn.rollback()
-                continue
-            ids = (await conn.execute(
-                insert(VisitLog).returning(VisitLog.id, sort_by_parameter_order=True),
-                packed)).scalars().all()
+        async with write_turn(engine):
+            ids = await in_transaction(engine, _swap, [r.id for r in logged], packed)
+        if ids is None:  # another worker took some: read again
+            continue
         log.debug("merged %d log rows (%d segments) into %d rows of %d visits", len(logged),
                   total, len(ids), sum(len(c) for c in chunks))
         return [Logged(i, c, names) for i, c in zip(ids, chunks, strict=True)]
+
+
+def _swap(conn: Connection, logged: list[int], packed: list[dict[str, object]],
+          ) -> list[int] | None:
+    """Log rows `logged` replaced by `packed`: the new rows' ids, or None (nothing
+    changed) if another worker took some of them."""
+    gone = conn.execute(delete(VisitLog).where(VisitLog.id.in_(logged)))
+    if gone.rowcount != len(logged):
+        conn.rollback()
+        return None
+    return list(conn.execute(
+        insert(VisitLog).returning(VisitLog.id, sort_by_parameter_order=True),
+        packed).scalars().all())
 
 
 async def apply_logged(engine: AsyncEngine, row: Logged) -> int:

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.visitlog import (
     NO_RSSI,
     SEGMENT,
+    _swap,
     apply_logged,
     drain,
     fold,
@@ -18,7 +19,7 @@ from ingest.visitlog import (
     newest_logged,
     pack,
 )
-from registry.db import open_database
+from registry.db import in_transaction, open_database
 from registry.models import Visit, VisitLog
 
 
@@ -110,6 +111,19 @@ class TestMaterialize:
         assert [await apply_logged(engine, m) for m in merged] == [2]
         assert [await apply_logged(engine, m) for m in merged] == [0]
         assert await _visits(engine) == [(1, "A", 0, 30, 2, -40), (2, "A", 0, 10, 1, -40)]
+
+    async def test_a_swap_where_another_worker_took_a_row_changes_nothing(
+            self, engine: AsyncEngine) -> None:
+        await _log(engine, _rows((1, 0, 0, 10, 1, -40)), ["A"])
+        await _log(engine, _rows((2, 0, 0, 10, 1, -40)), ["A"])
+        async with engine.connect() as conn:
+            ids = list((await conn.execute(select(VisitLog.id))).scalars())
+        packed = [pack(_rows((1, 0, 0, 10, 1, -40), (2, 0, 0, 10, 1, -40)), ["A"])]
+        gone = max(ids) + 1  # taken by another worker meanwhile
+        assert await in_transaction(engine, _swap, [*ids, gone], packed) is None
+        assert await _log_count(engine) == 2  # the delete rolled back, nothing inserted
+        new = await in_transaction(engine, _swap, ids, packed)
+        assert new is not None and len(new) == 1 and await _log_count(engine) == 1
 
     async def test_any_crash_between_transactions_applies_each_segment_once(
             self, engine: AsyncEngine) -> None:
