@@ -148,8 +148,7 @@ class Checkpointer:
     KEEP_LOG_BYTES = 64 << 20  # the log file's size kept after it starts again
 
     def __init__(self, engine: AsyncEngine) -> None:
-        db = engine.url.database
-        self.path = db if engine.dialect.name == "sqlite" and db and db != ":memory:" else None
+        self.path = sqlite_file(engine)
         self.turn = write_turn(engine)
         self._conn: aiosqlite.Connection | None = None
         if self.path is not None:  # at checkout: connections pooled before this too
@@ -246,8 +245,8 @@ _HOT: weakref.WeakKeyDictionary[Any, _HotThread] = weakref.WeakKeyDictionary()
 
 def _hot_thread(engine: AsyncEngine) -> _HotThread | None:
     """One per pool, so that it goes with it (`AsyncEngine.dispose` makes a new pool)."""
-    db = engine.url.database
-    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+    db = sqlite_file(engine)
+    if db is None:
         return None
     pool = engine.sync_engine.pool
     hot = _HOT.get(pool)
@@ -308,10 +307,14 @@ def _upgrade(conn: Connection, revision: str = "head") -> None:
 def lock_path(engine: AsyncEngine, name: str) -> str | None:
     """The file beside a SQLite database whose `flock` stands for what PostgreSQL does
     with an advisory lock; None for PostgreSQL and in-memory SQLite."""
+    db = sqlite_file(engine)
+    return None if db is None else f"{db}.{name}.lock"
+
+
+def sqlite_file(engine: AsyncEngine) -> str | None:
+    """The path of the SQLite file `engine` uses; None for PostgreSQL and in-memory SQLite."""
     db = engine.url.database
-    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
-        return None
-    return f"{db}.{name}.lock"
+    return db if engine.dialect.name == "sqlite" and db and db != ":memory:" else None
 
 
 @contextlib.asynccontextmanager
