@@ -25,6 +25,7 @@ MAX_READS = 10_000
 SKEW_LIMIT_MS = 5 * 60 * 1000  # reads further ahead of our clock than this are skewed
 
 HEADER = struct.Struct("<2sBBIIQI")  # magic, version, reserved, boot, seq, base_ms, count
+BINARY_MAGIC = b"BW"  # what a binary payload begins with; anything else is read as JSON
 RECORD = np.dtype([("tag", "<u8"), ("dt_ms", "<u4"), ("rssi", "i1"), ("ant", "u1"),
                    ("flags", "<u2")])
 assert HEADER.size == 24
@@ -61,7 +62,7 @@ def decode_many(items: Sequence[tuple[bytes, str, int]]) -> list[ReadBatch | Rej
         try:
             if len(payload) > MAX_PAYLOAD:
                 raise Rejected(Reason.TOO_LARGE, f"{len(payload)} bytes, limit {MAX_PAYLOAD}")
-            if payload[:2] == b"BW":
+            if payload[:2] == BINARY_MAGIC:
                 boot, seq, base_ms, count = _binary_header(payload)
                 binary.append((len(out), station, boot, seq, base_ms, count, now_ms))
                 out.append(None)  # filled in below, with the other binary payloads
@@ -93,7 +94,7 @@ def binary_tags(payloads: Sequence[bytes]) -> tuple[U64, I64]:
     counts: list[int] = []
     bodies: list[bytes] = []
     for i, p in enumerate(payloads):
-        if p[:2] == b"BW" and len(p) >= HEADER.size:
+        if p[:2] == BINARY_MAGIC and len(p) >= HEADER.size:
             count = int.from_bytes(p[_COUNT_AT:HEADER.size], "little")
             if len(p) == HEADER.size + RECORD.itemsize * count:
                 index.append(i)
@@ -301,7 +302,7 @@ def encode_binary(boot: int, seq: int, base_ms: int, tags: Sequence[int] | np.nd
         rec["ant"] = ant
     if flags is not None:
         rec["flags"] = flags
-    return HEADER.pack(b"BW", 1, 0, boot, seq, base_ms, n) + rec.tobytes()
+    return HEADER.pack(BINARY_MAGIC, 1, 0, boot, seq, base_ms, n) + rec.tobytes()
 
 
 def encode_json(boot: int, seq: int, sent_ms: int, tags: Sequence[int],

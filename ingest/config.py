@@ -81,7 +81,7 @@ class Settings:
     # Maximum): the in-flight bound of DESIGN.md decision 5, far below the
     # 65,535 message ids, and large enough that one commit covers many batches.
     receive_maximum: int = 2000
-    group_messages: int = 1000        # most messages folded into one transaction
+    group_messages: int = 1000        # most messages taken (and acknowledged) at once
     visit_gap_s: float = 60.0         # a visit ends after this long unheard (section 3)
     late_after_s: float = 300.0       # an alert older than this is `late`
     # Faster than this between two stations is no ride but a cloned tag (impossible_travel);

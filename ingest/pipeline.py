@@ -28,10 +28,9 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alerts.engine import (
@@ -48,17 +47,17 @@ from alerts.engine import (
 from alerts.forecast import EMPTY
 from alerts.geo import distance_km_array
 from ingest.batch import FLAG_TAMPER, ReadBatch, gather
-from ingest.codec import binary_tags, decode_many
+from ingest.codec import BINARY_MAGIC, binary_tags, decode_many
 from ingest.errors import Reason, Rejected
 from ingest.health import StationHealth
 from ingest.metrics import Metrics
-from ingest.visitlog import UPSERT_VISIT, pack, segment_rows, upsert_segments
-from ingest.visits import NO_RSSI, Segments, VisitTracker
+from ingest.visitlog import pack, segment_rows, upsert_segments
+from ingest.visits import Segments, VisitTracker
 from registry.db import in_transaction
 from registry.imports import NAME_RE
 from registry.models import RejectRecord, Station, Vehicle, Visit, VisitLog
 from registry.snapshot import StolenSet, StolenSetHolder
-from registry.sql import executemany, insert_ignore, insert_new_keys
+from registry.sql import insert_ignore, insert_new_keys
 from registry.stations import StationInfo, coordinates
 from registry.tags import from_db
 
@@ -74,6 +73,12 @@ ROUTES_KEPT = 100_000  # topics remembered (Pipeline._route)
 EXPRESS_MIN_REST = 32
 # Messages taken out of turn from the inbox's backlog for its sightings, per group.
 PULL_MOST = 64
+# A take is written in parts of at most this many messages (`parts`), and its
+# transaction ends after the part in hand when a sighting is held (`store`): a take of
+# 1,000 held SQLite's write lock some 50 ms at half load, and a sighting that came
+# meanwhile waited for all of it. A transaction for every part cost the worker a
+# tenth of what it carried: each commit writes the same index pages to the log again.
+PART_MOST = 250
 # Every group's statements, built once (registry.sql's note says why).
 _LOG_SEGMENTS = insert(VisitLog)
 _KEEP_REJECTS = insert(RejectRecord)
@@ -113,6 +118,7 @@ class GroupResult:
     # alerted (Pipeline._alerted), stations recorded as unknown.
     alerted: list[tuple[object, ...]] = field(default_factory=list)
     unknown_recorded: list[str] = field(default_factory=list)
+    parts: int = 0  # how many of the parts given to `Pipeline.store` it wrote
 
     def add(self, other: GroupResult) -> None:
         """Count `other` (another group of the same transaction) in this one."""
@@ -315,8 +321,9 @@ class Pipeline:
 
     def hold(self, msgs: list[Inbound]) -> None:
         """Sightings pulled from the inbox while a take is being stored: decoded now, and
-        written at the end of the take's last transaction (`store(..., held=True)`), as
-        their stations' messages before them are in that take or pulled with them."""
+        written at the end of the take's transaction in hand (`store(..., held=True)`),
+        after its part (`parts` says where that may be), their stations' messages
+        before them in the inbox with them."""
         self._held.append(self.decode(msgs))
 
     @property
@@ -351,15 +358,35 @@ class Pipeline:
         route = self._route(topic)
         return None if route is None else route[0]
 
+    def parts(self, group: list[Inbound]) -> list[list[Inbound]]:
+        """`group` cut into parts of at most `PART_MOST` messages, as even as can be, in
+        order: where its transaction may end for a sighting held meanwhile (`store`).
+
+        Only a group where no read batch may hold a stolen tag is cut: the sighting,
+        written after the part in hand, goes before its station's messages in the
+        parts after it, and only reads of bikes not stolen may be folded out of order
+        (older reads join the visit open at their station, VisitTracker.fold; an
+        alert would be dated by the newer ones). So not the express lane's group,
+        nor one with a JSON batch, not looked into before decoding (`split`)."""
+        if len(group) <= PART_MOST or self._sightings(group) or any(
+                (route := self._route(m.topic)) is not None and route[1] == "reads"
+                and m.payload[:2] != BINARY_MAGIC for m in group):
+            return [group]
+        size = -(-len(group) // -(-len(group) // PART_MOST))
+        return [group[i:i + size] for i in range(0, len(group), size)]
+
     # -- one transaction -------------------------------------------------------
 
     async def process(self, msgs: list[Inbound]) -> GroupResult:
         """Decode, write and commit a group (`decode`, then `store`)."""
         return await self.store(self.decode(msgs))
 
-    async def store(self, decoded: Decoded, *, held: bool = False) -> GroupResult:
-        """Write and commit a decoded group, and with `held` the sightings held for the
-        end of the take (`hold`); what they changed, together. Raises on a database
+    async def store(self, *parts: Decoded, held: bool = False) -> GroupResult:
+        """Write and commit decoded parts of a take, in order, and with `held` the
+        sightings held meanwhile (`hold`); what they changed, together. With `held`,
+        the transaction ends after the part in hand once a sighting is held, and
+        writes it then: `parts` in the result says how many were written, and the
+        caller stores the rest again. Raises on a database
         error, with the in-memory state unchanged (the held sightings held again), so
         that the caller can retry with the same group.
 
@@ -370,14 +397,15 @@ class Pipeline:
         saved = self.tracker.saved()
         taken: list[Decoded] = []  # held sightings the transaction took, in order
         try:
-            parts = await in_transaction(self.engine, self._write, decoded,
-                                         taken if held else None)
+            written = await in_transaction(self.engine, self._write, parts,
+                                           taken if held else None)
         except BaseException:
             self.tracker.restore(saved)
             self._held.extendleft(reversed(taken))
             raise
-        total = GroupResult()
-        for part, (result, batches) in zip([decoded, *taken], parts, strict=True):
+        total = GroupResult(parts=len(written) - len(taken))
+        done = [*parts[:total.parts], *taken]
+        for part, (result, batches) in zip(done, written, strict=True):
             self._heard(part, batches)
             for key in result.alerted:
                 self._remember_alerted(key)
@@ -390,16 +418,21 @@ class Pipeline:
         self._count(total)
         return total
 
-    def _write(self, conn: Connection, decoded: Decoded, taken: list[Decoded] | None,
+    def _write(self, conn: Connection, parts: tuple[Decoded, ...], taken: list[Decoded] | None,
                ) -> list[tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]]:
-        """The transaction: the group, then, where `taken` is given, the sightings held
-        meanwhile (each put in `taken`); for each, what it changed and its new batches.
-        Held sightings are taken here, as late as can be: some came during this group."""
-        parts = [self._write_group(conn, decoded)]
+        """The transaction: the parts, then, where `taken` is given, the sightings held
+        meanwhile (each put in `taken`), after the part in hand once one is held; for
+        each part written, what it changed and its new batches. Held sightings are
+        taken here, as late as can be: some came during these parts."""
+        written = []
+        for decoded in parts:
+            written.append(self._write_group(conn, decoded))
+            if taken is not None and self._held:
+                break  # a sighting waits: the transaction ends with it
         while taken is not None and self._held:
             taken.append(self._held.popleft())
-            parts.append(self._write_group(conn, taken[-1]))
-        return parts
+            written.append(self._write_group(conn, taken[-1]))
+        return written
 
     def _write_group(self, conn: Connection, decoded: Decoded,
                      ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:
@@ -476,8 +509,8 @@ class Pipeline:
         """Make the segments durable; returns each one's visit key (first_ms) as stored.
 
         Stolen tags' segments go straight into `visits` (their alert reads the
-        trajectory in this transaction); late ones are merged there; all the
-        others go to the visit log as one row (ingest.visitlog)."""
+        trajectory in this transaction); late ones are merged there (`_late_keys`);
+        all the others go to the visit log as one row (ingest.visitlog)."""
         key_first = segs.first_ms.copy()
         names = self.tracker.station_names()
         normal = ~segs.late
@@ -487,36 +520,41 @@ class Pipeline:
             conn.execute(_LOG_SEGMENTS, pack(segment_rows(segs, logged), names))
         if len(direct):
             upsert_segments(conn, segment_rows(segs, direct), names)
-        tags_db = segs.tag.view(np.int64)
-        for i in np.flatnonzero(segs.late).tolist():
-            key_first[i] = self._late_segment(conn, int(tags_db[i]), names[segs.station[i]],
-                                              int(segs.first_ms[i]), int(segs.last_ms[i]),
-                                              int(segs.reads[i]), int(segs.best_rssi[i]))
+        late = np.flatnonzero(segs.late)
+        if len(late):
+            key_first[late] = self._late_keys(conn, segs, late, names)
+            rows = segment_rows(segs, late)
+            rows["first"] = key_first[late]
+            upsert_segments(conn, rows, names)
         return key_first
 
-    def _late_segment(self, conn: Connection, tag_db: int, station: str, first: int, last: int,
-                      reads: int, rssi: int) -> int:
-        """Fold reads that arrive after newer ones into the stored visit their time falls
-        in (PROTOCOL.md section 3), or store them as a visit of their own."""
+    def _late_keys(self, conn: Connection, segs: Segments, late: np.ndarray,
+                   names: list[str]) -> np.ndarray:
+        """For each late segment (reads that came after newer ones), the key of the
+        stored visit its time falls in, within the gap (PROTOCOL.md section 3), the
+        earliest if several, else its own first_ms: a visit of its own. Upserted with
+        that key, its reads fold into that visit. One query for all: a tag has at most
+        one late segment in a group (its first, VisitTracker.fold), and the loop of a
+        query each cost the hot path 1 to 2 ms a segment under load."""
         gap = self.tracker.gap_ms
-        row = (conn.execute(
-            select(Visit.id, Visit.first_ms).where(
-                Visit.tag == tag_db, Visit.station == station,
-                Visit.first_ms <= last + gap, Visit.last_ms >= first - gap)
-            .order_by(Visit.first_ms).limit(1))).first()
-        best = None if rssi == NO_RSSI else rssi
-        if row is None:
-            executemany(conn, UPSERT_VISIT, [(tag_db, station, first, last, reads, best)])
-            return first
-        values: dict[str, Any] = {
-            "last_ms": case((Visit.last_ms < last, last), else_=Visit.last_ms),
-            "reads": Visit.reads + reads}
-        if best is not None:
-            values["best_rssi"] = case((Visit.best_rssi.is_(None), best),
-                                       (Visit.best_rssi < best, best), else_=Visit.best_rssi)
-        conn.execute(update(Visit).where(Visit.id == row.id).values(**values))
-        # The stored visit keeps its key (first_ms): alerts already raised refer to it.
-        return int(row.first_ms)
+        tags = segs.tag[late].view(np.int64)
+        first, last = segs.first_ms[late], segs.last_ms[late]
+        stored: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for tag, station, v_first, v_last in conn.execute(
+                select(Visit.tag, Visit.station, Visit.first_ms, Visit.last_ms).where(
+                    Visit.tag.in_(np.unique(tags).tolist()),
+                    Visit.first_ms <= int(last.max()) + gap,
+                    Visit.last_ms >= int(first.min()) - gap)):
+            stored.setdefault((tag, station), []).append((v_first, v_last))
+        keys: np.ndarray = first.copy()
+        for i, (tag, station, f, t) in enumerate(zip(
+                tags.tolist(), segs.station[late].tolist(), first.tolist(), last.tolist(),
+                strict=True)):
+            near = [v_first for v_first, v_last in stored.get((tag, names[station]), ())
+                    if v_first <= t + gap and v_last >= f - gap]
+            if near:
+                keys[i] = min(near)
+        return keys
 
     def _alerts(self, conn: Connection, snapshot: StolenSet, read_idx: np.ndarray,
                 entry: np.ndarray, tag: np.ndarray, ts: np.ndarray, received: np.ndarray,

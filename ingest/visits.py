@@ -18,7 +18,8 @@ when it passes `RECENT_MOST`.
 
 A segment older than the tag's open visit (a station that was cut off and
 sends late) is marked `late`: the store folds it into the stored visit its
-time falls in rather than into the open one.
+time falls in rather than into the open one. Older reads at the open visit's
+own station, within its gap, join it instead, under its key.
 """
 
 from __future__ import annotations
@@ -153,10 +154,17 @@ class VisitTracker:
 
         # Join each tag's first segment to its open visit.
         known, open_station, open_first, open_last = self._open(seg_tag, tag_first)
-        late = known & (first < open_last)
-        cont = known & ~late & (open_station == seg_station) & (first - open_last <= self.gap_ms)
-        key_first = np.where(cont, open_first, first)
-        opens = ~cont & ~late
+        older = known & (first < open_last)
+        # Older reads at the open visit's station, within its gap, are of that stay:
+        # folded after newer ones (a station's batch written after its next, which
+        # held a stolen tag: Worker._watch), they join it and keep its key. Others
+        # are late: the store finds the stored visit they belong to.
+        inside = older & (open_station == seg_station) & (last >= open_first - self.gap_ms)
+        late = older & ~inside
+        cont = known & ~older & (open_station == seg_station) & (
+            first - open_last <= self.gap_ms)
+        key_first = np.where(cont | inside, open_first, first)
+        opens = ~cont & ~older
 
         prev_station = np.where(tag_first, open_station, np.roll(seg_station, 1))
         prev_first = np.where(tag_first, open_first, np.roll(key_first, 1))
@@ -164,7 +172,8 @@ class VisitTracker:
 
         # The tag's newest segment becomes its open visit, unless it is late.
         upd = tag_last & ~(tag_first & late)
-        self._remember(seg_tag[upd], seg_station[upd], key_first[upd], last[upd])
+        ends = np.where(inside, np.maximum(last, open_last), last)
+        self._remember(seg_tag[upd], seg_station[upd], key_first[upd], ends[upd])
         return Segments(seg_tag, seg_station.astype(np.int32), key_first.astype(np.int64),
                         last.astype(np.int64), reads.astype(np.int64), best, opens, late,
                         read_seg, prev_station.astype(np.int32), prev_first.astype(np.int64),

@@ -19,7 +19,7 @@ from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary, encode_json
 from ingest.mqtt import Inbox, MqttLink
-from ingest.pipeline import EXPRESS_MIN_REST, PULL_MOST, Inbound
+from ingest.pipeline import EXPRESS_MIN_REST, PART_MOST, PULL_MOST, Inbound
 from ingest.service import Worker
 from ingest.visitlog import drain
 from registry.db import open_database
@@ -370,8 +370,54 @@ async def test_held_sightings_are_held_again_when_the_transaction_fails(
     assert worker.pipeline.holding
     result = await worker.pipeline.store(decoded, held=True)
     assert not worker.pipeline.holding
-    assert (result.batches, len(result.alerts)) == (4, 1)
+    assert (result.parts, result.batches, len(result.alerts)) == (1, 4, 1)
     assert result.alerts[0].received_ms == sighting.received_ms
+
+
+async def test_a_held_sighting_ends_the_transaction_after_the_part_in_hand(
+        worker: Worker) -> None:
+    """A take is one transaction, in parts (Pipeline.parts), until a sighting is held:
+    then it ends, with the sighting, after the part being written."""
+    t = _town(worker)
+    t.crowd(3 * PART_MOST)
+    cut = worker.pipeline.parts(t.msgs)
+    assert [len(p) for p in cut] == [PART_MOST] * 3 and [m for p in cut for m in p] == t.msgs
+    parts = [worker.pipeline.decode(p) for p in cut]
+    sighting = worker.pipeline.decode([t.batch(THEFT_SEEN, [STOLEN])])
+    reads, came = worker.pipeline._reads, list[bool]()
+
+    def arrives(*args: Any) -> None:
+        reads(*args)
+        if not came:  # during the first part
+            came.append(True)
+            worker.pipeline._held.append(sighting)
+
+    worker.pipeline._reads = arrives  # type: ignore[method-assign,assignment]
+    first = await worker.pipeline.store(*parts, held=True)
+    assert (first.parts, first.batches, len(first.alerts)) == (1, PART_MOST + 1, 1)
+    rest = await worker.pipeline.store(*parts[1:], held=True)
+    assert (rest.parts, rest.batches, rest.alerts) == (2, 2 * PART_MOST, [])
+    assert [len(p) for p in worker.pipeline.parts(t.msgs[:PART_MOST + 1])] == [
+        PART_MOST // 2 + 1, PART_MOST // 2]  # as even as can be
+    assert worker.pipeline.parts([]) == [[]]
+
+
+async def test_only_a_group_without_stolen_tags_is_cut(worker: Worker) -> None:
+    """A held sighting goes before its station's messages in the parts after the one in
+    hand: a group where a stolen tag is, or may be (JSON, not looked into), is one
+    part, so that a stolen tag's reads are never folded out of order."""
+    t = _town(worker)
+    t.crowd(2 * PART_MOST)
+    assert len(worker.pipeline.parts(t.msgs)) == 2
+    for tags, json in (([STOLEN], False), ([5], True)):
+        mixed = _town(worker)
+        mixed.crowd(PART_MOST)
+        mixed.batch(THEFT_SEEN, tags, json=json)
+        mixed.crowd(PART_MOST)
+        assert worker.pipeline.parts(mixed.msgs) == [mixed.msgs]
+    status = Inbound(f"{worker.settings.mqtt_root}/stations/X-1/status", b"online", 1, 1,
+                     t.now)
+    assert len(worker.pipeline.parts([*t.msgs, status])) == 3  # not a read: no matter
 
 
 async def _turns(n: int = 5) -> None:

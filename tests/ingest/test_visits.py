@@ -89,6 +89,25 @@ class TestFold:
                        np.array([100_000], np.int64), np.zeros(1, np.int8))
         assert segs.late.tolist() == [True]
 
+    def test_older_reads_at_the_open_visits_station_join_it(self) -> None:
+        """A station's batch folded after its next (Worker._watch writes a sighting
+        first): its reads are of the visit open there, not a visit of their own."""
+        tr = VisitTracker(GAP)
+        _fold(tr, [(1, "A", 400_000)])
+        _fold(tr, [(1, "A", 450_000)])  # open: 400,000 to 450,000
+        segs = tr.fold(np.array([1, 1], np.uint64),
+                       np.array([tr.station_index("A")] * 2, np.int32),
+                       np.array([430_000, 470_000], np.int64), np.zeros(2, np.int8))
+        assert segs.late.tolist() == [False] and segs.opens.tolist() == [False]
+        assert segs.first_ms.tolist() == [400_000] and segs.last_ms.tolist() == [470_000]
+        again = tr.fold(np.array([1], np.uint64), np.array([tr.station_index("A")], np.int32),
+                        np.array([480_000], np.int64), np.zeros(1, np.int8))
+        assert again.first_ms.tolist() == [400_000] and not again.late.any()
+        # Older than the open visit by more than the gap: late, for the store to place.
+        far = tr.fold(np.array([1], np.uint64), np.array([tr.station_index("A")], np.int32),
+                      np.array([400_000 - GAP - 1], np.int64), np.zeros(1, np.int8))
+        assert far.late.tolist() == [True]
+
     def test_memory_is_bounded(self) -> None:
         tr = VisitTracker(GAP, capacity=1000)
         for g in range(10):
