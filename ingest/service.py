@@ -237,10 +237,10 @@ class Worker:
         """While a take is being stored, pull the stolen sightings that arrive from the
         inbox (`Pipeline.pull_sightings`), to be written at the end of the take's
         transaction in hand, which then ends after the part it writes (`Pipeline.hold`,
-        `Pipeline.store`): a sighting waits for at most `PART_MOST` messages, not for
-        the whole take, its acknowledgements and the next take's decoding. The stand-ins left in
-        the inbox are acknowledged in their turn, after that transaction committed
-        (`_groups` writes what is still held first)."""
+        `Pipeline.store`): a sighting waits for at most `PART_MOST` messages, mostly,
+        not for the whole take, its acknowledgements and the next take's decoding. The
+        stand-ins left in the inbox are acknowledged in their turn, after that
+        transaction committed (`_groups` writes what is still held first)."""
         while True:
             await inbox.arrived()
             if not self._storing:
@@ -254,10 +254,11 @@ class Worker:
     async def _groups(self, msgs: list[Inbound], link: MqttLink, inbox: Inbox) -> None:
         """What was taken: stolen sightings first, in a group of their own
         (Pipeline.split), with those of the inbox's backlog, each group committed
-        (`_group`) and its alerts sent; then all of it acknowledged, in the order received, as MQTT
-        requires of PUBACKs (3.1.1 and 5, section 4.6): a sighting taken from the
-        backlog is acknowledged when its stand-in's turn comes. Committed and not yet
-        acknowledged, a batch that comes again after a crash is a duplicate."""
+        (`_group`) and its alerts sent; then all of it acknowledged, in the order
+        received, as MQTT requires of PUBACKs (3.1.1 and 5, section 4.6): a sighting
+        taken from the backlog is acknowledged when its stand-in's turn comes.
+        Committed and not yet acknowledged, a batch that comes again after a crash is
+        a duplicate."""
         if self.pipeline.holding:  # held after the last take's last transaction began
             await self._group([[]])
         todo = [m for m in msgs if not m.stored]
@@ -272,10 +273,10 @@ class Worker:
         """Store a group, in parts (Pipeline.parts), with the sightings held meanwhile:
         one transaction, but one that ends after the part in hand when a sighting is
         held, and then another for the rest (Pipeline.store)."""
-        pending = [self.pipeline.decode(p) for p in parts]
-        while pending:
-            delay = 0.1
-            with self.metrics.group_seconds.time():
+        with self.metrics.group_seconds.time():
+            pending = [self.pipeline.decode(p) for p in parts]
+            while pending:
+                delay = 0.1
                 while True:
                     try:
                         async with self._turn:
@@ -289,8 +290,8 @@ class Worker:
                                     str(exc).splitlines()[0][:200])
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 10.0)
-            pending = pending[result.parts:]
-            self._deliver(result.alerts)
+                pending = pending[result.parts:]
+                self._deliver(result.alerts)
 
     def _deliver(self, alerts: list[RaisedAlert]) -> None:
         """Committed alerts: wake every channel (each also finds them in the table)."""
