@@ -2,7 +2,8 @@
 
     split       the messages of stations that heard a stolen tag first, as a group
                 of their own (the express lane); those that come while a take is
-                stored, at the end of its last transaction (`hold`)
+                stored, in the transaction in hand, which then ends after the part it
+                writes (`hold`, `parts`)
     decode      every payload into a ReadBatch, or a rejection with its reason
     dedupe      drop (station, boot, seq) seen before: memory window, then the
                 seen_batches table (the database decides; the window saves a trip)
