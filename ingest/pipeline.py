@@ -87,9 +87,10 @@ _KEEP_REJECTS = insert(RejectRecord)
 
 @dataclass(slots=True)
 class Inbound:
-    """One MQTT message as the network thread hands it over. Not frozen, though
-    nothing changes it: a frozen dataclass's `__init__` sets each field through
-    `object.__setattr__`, 0.8 µs a message against 0.3, in the network thread."""
+    """One MQTT message as the network thread hands it over. Not frozen: a frozen
+    dataclass's `__init__` sets each field through `object.__setattr__`, 0.8 µs a
+    message against 0.3, in the network thread; and the event loop notes on it
+    whether it holds a stolen tag (`Pipeline._sightings`)."""
 
     topic: str
     payload: bytes
@@ -98,6 +99,11 @@ class Inbound:
     received_ms: int
     connection: int = 0  # which connection it came on: an ack goes back on that one only
     stored: bool = False  # stored out of turn already (Inbox.stand_in): only to be acked
+    # The stolen snapshot's version it was looked into with (-1: not yet), and whether
+    # it held a stolen tag then: the watcher, `split` and `parts` look at the same
+    # messages, and each is looked into once (`Pipeline._sightings`).
+    looked: int = -1
+    sighting: bool = False
 
 
 @dataclass(slots=True)
@@ -312,13 +318,21 @@ class Pipeline:
         return self._pulled(later, [i + new for i in sightings]) if sightings else []
 
     def _sightings(self, msgs: Sequence[Inbound]) -> list[int]:
-        """Indices of the binary batches among `msgs` that hold a stolen tag, ascending."""
+        """Indices of the binary batches among `msgs` that hold a stolen tag, ascending.
+        Only messages not looked into with this snapshot are; the verdict is noted on
+        each (`Inbound.looked`)."""
         snapshot = self.holder.current
         if len(snapshot) == 0 or not msgs:
             return []
-        tags, of = binary_tags([m.payload for m in msgs])
-        hit, _ = snapshot.match(tags)
-        return np.unique(of[hit]).tolist() if len(hit) else []
+        version = snapshot.version
+        unseen = [m for m in msgs if m.looked != version]
+        if unseen:
+            tags, of = binary_tags([m.payload for m in unseen])
+            hit, _ = snapshot.match(tags)
+            stolen = set(of[hit].tolist())
+            for i, m in enumerate(unseen):
+                m.looked, m.sighting = version, i in stolen
+        return [i for i, m in enumerate(msgs) if m.sighting]
 
     def hold(self, msgs: list[Inbound]) -> None:
         """Sightings pulled from the inbox while a take is being stored: decoded now, and
