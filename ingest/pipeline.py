@@ -195,12 +195,16 @@ class Pipeline:
 
     # -- decode: pure, no I/O -------------------------------------------------
 
-    def decode(self, msgs: list[Inbound]) -> Decoded:
+    def decode(self, msgs: list[Inbound],
+               keys: set[tuple[str, int, int]] | None = None) -> Decoded:
         """A group's payloads decoded: no I/O, so no write turn is needed for it (on
-        SQLite the materializer's upserts run meanwhile, in their own thread)."""
+        SQLite the materializer's upserts run meanwhile, in their own thread). `keys`,
+        where given, holds the batch keys of the group's parts decoded before: a repeat
+        of one of them is a duplicate here too (the database cannot tell a repeat
+        received in the same millisecond, in the same transaction)."""
         out = Decoded()
         result = out.counted
-        keys: set[tuple[str, int, int]] = set()
+        keys = set() if keys is None else keys
         reads: list[tuple[Inbound, str]] = []
         for m in msgs:
             route = self._route(m.topic)

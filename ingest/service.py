@@ -274,7 +274,8 @@ class Worker:
         one transaction, but one that ends after the part in hand when a sighting is
         held, and then another for the rest (Pipeline.store)."""
         with self.metrics.group_seconds.time():
-            pending = [self.pipeline.decode(p) for p in parts]
+            keys: set[tuple[str, int, int]] = set()  # one group: one window for repeats
+            pending = [self.pipeline.decode(p, keys) for p in parts]
             while pending:
                 delay = 0.1
                 while True:
