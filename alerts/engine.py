@@ -71,6 +71,7 @@ class RaisedAlert:
     payload: bytes
     received_ms: int
     kind: str = KIND_STOLEN
+    committed_ms: int = 0  # when its transaction committed, where the hot path raised it
 
 
 class Vehicles:

@@ -54,6 +54,11 @@ class Metrics:
             "0 when caught up)", registry=registry)
         self.inflight = Gauge("bikewatch_inflight_messages",
                               "Messages received and not yet acknowledged", registry=registry)
+        self.alert_commit = Histogram(
+            "bikewatch_alert_commit_seconds", "Read received to its alert committed: the "
+            "database's share of bikewatch_alert_latency_seconds (the rest is the broker's)",
+            buckets=(.001, .0025, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10),
+            registry=registry)
         self.group_seconds = Histogram(
             "bikewatch_group_seconds", "Time to process and commit one group of batches",
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),

@@ -30,6 +30,7 @@ import functools
 import gc
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -292,7 +293,17 @@ class Worker:
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 10.0)
                 pending = pending[result.parts:]
-                self._deliver(result.alerts)
+                self._deliver(self._committed(result.alerts))
+
+    def _committed(self, alerts: list[RaisedAlert]) -> list[RaisedAlert]:
+        """Alerts of reads just committed, stamped with that moment, and
+        `bikewatch_alert_commit_seconds` observed: with the PUBACK's time
+        (`bikewatch_alert_latency_seconds`) it tells the database's share of the latency
+        from the broker's."""
+        now = self.clock()
+        for a in alerts:
+            self.metrics.alert_commit.observe(max(0, now - a.received_ms) / 1000)
+        return [replace(a, committed_ms=now) for a in alerts]
 
     def _deliver(self, alerts: list[RaisedAlert]) -> None:
         """Committed alerts: wake every channel (each also finds them in the table)."""

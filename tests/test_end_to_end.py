@@ -78,6 +78,10 @@ class TestStolenSighting:
             assert _metric(worker, "bikewatch_alerts_total", kind="stolen_sighting") == 2
             assert _metric(worker, "bikewatch_reads_total") == 5
             assert _metric(worker, "bikewatch_alert_latency_seconds_count") == 2
+            # the database's share of it: at most the whole, for the same two alerts
+            assert _metric(worker, "bikewatch_alert_commit_seconds_count") == 2
+            assert _metric(worker, "bikewatch_alert_commit_seconds_sum") <= _metric(
+                worker, "bikewatch_alert_latency_seconds_sum")
             visits = await trajectory(worker.engine, STOLEN)
             assert [(v["station"], v["reads"]) for v in visits] == [
                 ("SP-0040", 3), ("SP-0042", 1)]
