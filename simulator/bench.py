@@ -394,11 +394,11 @@ class WorkerRun:
 
     reads_per_s: float = 0.0
     alert_ms: list[float] = field(default_factory=list)    # read received to MQTT PUBACK
-    commit_ms: list[float] = field(default_factory=list)   # ... to its alert committed
-    committed: dict[str, int] = field(default_factory=dict)  # alert_id -> when committed
-    police_after_commit_ms: list[float] = field(default_factory=list)
     police_ms: list[float] = field(default_factory=list)   # ... to a police subscriber
     webhook_ms: list[float] = field(default_factory=list)  # read received to webhook 2xx
+    commit_ms: list[float] = field(default_factory=list)   # ... to its alert committed
+    committed: dict[str, int] = field(default_factory=dict)  # alert_id -> when committed
+    police_after_commit_ms: list[float] = field(default_factory=list)  # commit to police
     rss_before: int = 0  # MB, the worker ready and no load yet
     rss_end: int = 0
     rss_samples: list[int] = field(default_factory=list)  # MB, every `sample_s` under load
