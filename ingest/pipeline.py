@@ -442,15 +442,18 @@ class Pipeline:
         """The transaction: the parts, then, where `taken` is given, the sightings held
         meanwhile (each put in `taken`), after the part in hand once one is held; for
         each part written, what it changed and its new batches. Held sightings are
-        taken here, as late as can be: some came during these parts."""
+        taken here, as late as can be: some came during these parts; those held while
+        they are written wait for the next transaction, so that a run of sightings does
+        not keep the first one's commit waiting (one took 26 ms more, probed)."""
         written = []
         for decoded in parts:
             written.append(self._write_group(conn, decoded))
             if taken is not None and self._held:
                 break  # a sighting waits: the transaction ends with it
-        while taken is not None and self._held:
-            taken.append(self._held.popleft())
-            written.append(self._write_group(conn, taken[-1]))
+        if taken is not None:
+            for _ in range(len(self._held)):
+                taken.append(self._held.popleft())
+                written.append(self._write_group(conn, taken[-1]))
         return written
 
     def _write_group(self, conn: Connection, decoded: Decoded,

