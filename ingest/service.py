@@ -331,7 +331,7 @@ class Worker:
             return
         if self._outbox is not None:
             self._outbox.notify(alerts)
-        self.webhooks.notify()
+        self.webhooks.notify(alerts)
         self.stream.notify()
 
     async def _every(self, seconds: float, job: Callable[[], object],

@@ -179,3 +179,65 @@ async def test_an_alert_is_published_when_the_broker_acknowledges_it(
     async with engine.connect() as conn:
         marks = dict((await conn.execute(select(Alert.alert_id, Alert.published_ms))).all())
     assert marks == acked
+
+
+async def _delivered(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).where(
+            Delivery.delivered_ms.is_not(None)))).scalar_one())
+
+
+async def test_committed_alerts_are_posted_without_reading_them_back(
+        engine: AsyncEngine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`notify` hands the webhook loop the alerts just committed: posted without the
+    query for due rows, and recorded by their alert and webhook."""
+    monkeypatch.setattr(alerts.webhook, "POLL_S", 30.0)
+    monkeypatch.setattr(alerts.webhook, "MARK_AFTER_S", 0.05)
+    sender = WebhookSender(engine, [WebhookReceiver("police", receiver.url, (SECRET_NEW,)),
+                                    WebhookReceiver("south", receiver.url, (SECRET_NEW,),
+                                                    zones=("south",))], wall_ms)
+    reads = [0]
+    due = sender._due
+
+    async def counted(*args: Any) -> Any:
+        reads[0] += 1
+        return await due(*args)
+
+    sender._due = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    assert await until(lambda: reads[0] == 2)  # each loop's first look: nothing due
+    raised = await _pending(engine, 3, channel="police")
+    sender.notify(raised)
+    assert await until(lambda: len(receiver.delivered()) == 3, 5)
+    assert reads[0] == 2
+    assert sorted(h["webhook-id"] for h, _ in receiver.delivered()) == sorted(
+        a.alert_id for a in raised)  # and none to the other zone's webhook
+    deadline = asyncio.get_running_loop().time() + 5
+    while await _delivered(engine) < 3 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert await _delivered(engine) == 3
+    stop.set()
+    await task
+
+
+async def test_an_alert_read_back_and_posted_is_not_posted_again_when_notified(
+        engine: AsyncEngine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow loop may read an alert back, post it and record it before the alert's
+    notice comes: the notice then posts nothing."""
+    monkeypatch.setattr(alerts.webhook, "POLL_S", 30.0)
+    monkeypatch.setattr(alerts.webhook, "MARK_AFTER_S", 0.05)
+    raised = await _pending(engine, 1, channel="police")
+    sender = WebhookSender(engine, [WebhookReceiver("police", receiver.url, (SECRET_NEW,))],
+                           wall_ms)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    assert await until(lambda: len(receiver.delivered()) == 1, 5)
+    deadline = asyncio.get_running_loop().time() + 5
+    while await _delivered(engine) < 1 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    sender.notify(raised)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await task
+    assert len(receiver.requests) == 1
