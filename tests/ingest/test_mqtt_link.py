@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ingest.broker import BrokerHandle, free_port, start_broker
 from ingest.clock import wall_ms
 from ingest.config import Settings
-from ingest.mqtt import Inbox, MqttLink, ReadAhead
+from ingest.mqtt import Inbox, MqttLink, QuickAck, ReadAhead
 from ingest.pipeline import Inbound
 from simulator.publisher import StationPublisher
 from tests.conftest import tool, unavailable
@@ -185,6 +185,26 @@ async def test_an_alert_leaves_when_published_not_when_its_puback_is_awaited(
             await link.publish(f"{settings.mqtt_root}/alerts/z", b'{"n": 2}', timeout=0)
     finally:
         police.close()
+        link.stop()
+
+
+async def test_the_publishing_connection_acknowledges_what_it_receives_at_once(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Its socket asks for quick acknowledgements after every read, and sends without
+    Nagle's delay: a PUBACK is not held back for the one before (`QuickAck`)."""
+    if not hasattr(socket, "TCP_QUICKACK"):
+        pytest.skip("TCP_QUICKACK is Linux's")
+    settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    link = await _linked(settings)
+    try:
+        sock = link.out.socket()
+        assert isinstance(sock, QuickAck) and isinstance(sock.sock, socket.socket)
+        assert sock.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        for n in range(3):
+            sock.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            await asyncio.wait_for(link.publish(f"{settings.mqtt_root}/alerts/z", b"{}"), 5)
+            assert sock.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), n
+    finally:
         link.stop()
 
 
