@@ -5,7 +5,7 @@ stored comes out as if the group had been one."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -285,21 +285,9 @@ async def test_a_sighting_that_comes_during_a_take_is_written_at_its_end(
     take = await inbox.take(len(t.msgs))
     sent = _alerts_sent(worker)
     acks = _Acks()
-    watch = asyncio.create_task(worker._watch(inbox))
-    try:
-        await worker._turn.acquire()  # the take will wait for the write turn
-        worker._storing = True
-        storing = asyncio.create_task(worker._groups(take, cast(MqttLink, acks), inbox))
-        await _turns()
-        sighting = t.batch(THEFT_SEEN, [STOLEN, 5])
-        inbox.put_threadsafe(sighting)
-        inbox.put_threadsafe(t.batch("SP-0042", [6]))
-        await _turns()
-        assert worker.pipeline.holding
-        worker._turn.release()
-        await storing
-    finally:
-        watch.cancel()
+    sighting = t.batch(THEFT_SEEN, [STOLEN, 5])
+    await _held_while_waiting(worker, inbox, worker._groups(take, cast(MqttLink, acks), inbox),
+                              sighting, t.batch("SP-0042", [6]))
     assert sent == [sighting.received_ms] and acks.acked == [take]
     behind = await inbox.take(10)
     assert [m.stored for m in behind] == [True, False]
@@ -420,6 +408,26 @@ async def test_only_a_group_without_stolen_tags_is_cut(worker: Worker) -> None:
     assert len(worker.pipeline.parts([*t.msgs, status])) == 3  # not a read: no matter
 
 
+async def _held_while_waiting(worker: Worker, inbox: Inbox,
+                              storing: Coroutine[Any, Any, None], *arrivals: Inbound) -> None:
+    """Run `storing` (a take being stored) while it waits for the write turn, `arrivals`
+    coming meanwhile: the watcher holds the sighting among them."""
+    watch = asyncio.create_task(worker._watch(inbox))
+    try:
+        await worker._turn.acquire()
+        worker._storing = True
+        task = asyncio.create_task(storing)
+        await _turns(20)  # decoded, part by part, and waiting for the turn
+        for m in arrivals:
+            inbox.put_threadsafe(m)
+        await _turns()
+        assert worker.pipeline.holding
+        worker._turn.release()
+        await task
+    finally:
+        watch.cancel()
+
+
 async def _turns(n: int = 5) -> None:
     """Let the event loop run what is ready (the watcher's wake-ups)."""
     for _ in range(n):
@@ -443,20 +451,9 @@ async def test_a_sighting_held_before_a_cut_take_is_written_goes_ahead_of_it(
         return result
 
     worker.pipeline.store = noted  # type: ignore[method-assign]
-    watch = asyncio.create_task(worker._watch(inbox))
-    try:
-        await worker._turn.acquire()
-        worker._storing = True
-        storing = asyncio.create_task(worker._groups(take, cast(MqttLink, _Acks()), inbox))
-        await _turns(20)  # decoded, part by part, and waiting for the turn
-        sighting = t.batch(THEFT_SEEN, [STOLEN, 5])
-        inbox.put_threadsafe(sighting)
-        await _turns()
-        assert worker.pipeline.holding
-        worker._turn.release()
-        await storing
-    finally:
-        watch.cancel()
+    sighting = t.batch(THEFT_SEEN, [STOLEN, 5])
+    await _held_while_waiting(
+        worker, inbox, worker._groups(take, cast(MqttLink, _Acks()), inbox), sighting)
     assert stored == [(0, 1, 1), (3, 3 * PART_MOST, 0)]
     assert sent == [sighting.received_ms]
 
@@ -471,20 +468,8 @@ async def test_a_group_that_may_hold_a_stolen_tag_writes_a_held_sighting_after_i
     inbox = _inbox(t.msgs)
     take = await inbox.take(len(t.msgs))
     sent = _alerts_sent(worker)
-    watch = asyncio.create_task(worker._watch(inbox))
-    try:
-        await worker._turn.acquire()
-        worker._storing = True
-        storing = asyncio.create_task(worker._group([take]))
-        await _turns(20)
-        sighting = t.batch(THEFT_SEEN, [STOLEN])
-        inbox.put_threadsafe(sighting)
-        await _turns()
-        assert worker.pipeline.holding
-        worker._turn.release()
-        await storing
-    finally:
-        watch.cancel()
+    sighting = t.batch(THEFT_SEEN, [STOLEN])
+    await _held_while_waiting(worker, inbox, worker._group([take]), sighting)
     # The bike's alerts in the order it was heard (at the second station, a
     # millisecond later, it also raises impossible travel).
     assert sent[0] == older.received_ms and set(sent[1:]) == {sighting.received_ms}
