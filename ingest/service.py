@@ -296,7 +296,10 @@ class Worker:
                 delay = 0.1
                 while True:
                     try:
-                        async with self._turn:
+                        # A sighting held goes ahead of the materializer's, the
+                        # marks' and health's transactions waiting (registry.db.Turn).
+                        async with (self._turn.first() if self.pipeline.holding
+                                    else self._turn):
                             # The parts of a cut group hold no stolen tag (Pipeline.parts):
                             # a sighting held meanwhile, newer, goes ahead of them,
                             # committed on its own; otherwise after the part in hand.

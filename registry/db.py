@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,26 +75,101 @@ def _sqlite_begin(conn: Any) -> None:
                                   "BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-_NO_TURN: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
-_TURNS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+class Turn:
+    """A write turn (`write_turn`): first come, first served, as asyncio.Lock, except
+    that a caller asking `first()` goes ahead of all who wait. The consumer asks so for
+    a transaction that writes a stolen sighting (ingest.service.Worker._group): behind
+    it, the materializer's upserts, the marks of alerts delivered and station health
+    queue as they come, and a sighting waited for those already queued (2.7 ms of the
+    21 its slowest tenth took at 13,000 batches/s, probed)."""
+
+    def __init__(self) -> None:
+        self._held = False
+        # Waiting to be handed the turn: those that asked first(), then the others.
+        self._queues: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque())
+
+    def locked(self) -> bool:
+        return self._held
+
+    async def acquire(self, first: bool = False) -> None:
+        if not self._held:
+            self._held = True
+            return
+        queue = self._queues[0 if first else 1]
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(handed)
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.release()  # handed the turn as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    queue.remove(handed)
+            raise
+
+    def release(self) -> None:
+        """Hand the turn to the next in line, if any."""
+        for queue in self._queues:
+            while queue:
+                handed = queue.popleft()
+                if not handed.done():
+                    handed.set_result(None)
+                    return
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+    def first(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _First(self)
 
 
-def write_turn(engine: AsyncEngine) -> contextlib.AbstractAsyncContextManager[object]:
+class _First:
+    def __init__(self, turn: Turn) -> None:
+        self.turn = turn
+
+    async def __aenter__(self) -> None:
+        await self.turn.acquire(first=True)
+
+    async def __aexit__(self, *_: object) -> None:
+        self.turn.release()
+
+
+class _NoTurn(Turn):
+    """PostgreSQL's: writers overlap."""
+
+    async def acquire(self, first: bool = False) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
+_NO_TURN = _NoTurn()
+_TURNS: weakref.WeakKeyDictionary[Any, Turn] = weakref.WeakKeyDictionary()
+
+
+def write_turn(engine: AsyncEngine) -> Turn:
     """The turn this process's writers take on a SQLite database, first come first
-    served: the hot path's groups, the materializer, the marks of alerts published and
-    posted, station health, maintenance and the checkpointer's second pass.
+    served (but see `Turn.first`): the hot path's groups, the materializer, the marks
+    of alerts published and posted, station health, maintenance and the checkpointer's
+    second pass.
 
     SQLite has one write lock, and a writer that finds it taken polls for it in
     sleeps of up to 100 ms (its busy handler), past the moment it is free: a group
     behind the materializer's transaction waited that long, and its alerts with it.
-    One lock per database (its pool, which `reading` shares). PostgreSQL locks rows
+    One turn per database (its pool, which `reading` shares). PostgreSQL locks rows
     and lets writers overlap: no turn."""
     if engine.dialect.name != "sqlite":
         return _NO_TURN
     pool = engine.sync_engine.pool
     turn = _TURNS.get(pool)
     if turn is None:
-        turn = _TURNS[pool] = asyncio.Lock()
+        turn = _TURNS[pool] = Turn()
     return turn
 
 
