@@ -382,11 +382,12 @@ class Pipeline:
         order: where its transaction may end for a sighting held meanwhile (`store`).
 
         Only a group where no read batch may hold a stolen tag is cut: the sighting,
-        written after the part in hand, goes before its station's messages in the
-        parts after it, and only reads of bikes not stolen may be folded out of order
-        (older reads join the visit open at their station, VisitTracker.fold; an
-        alert would be dated by the newer ones). So not the express lane's group,
-        nor one with a JSON batch, not looked into before decoding (`split`)."""
+        written after the part in hand (or before the first, Worker._group), goes
+        before its station's messages in the parts after it, and only reads of bikes
+        not stolen may be folded out of order (older reads join the visit open at their
+        station, VisitTracker.fold; an alert would be dated by the newer ones). So not
+        the express lane's group, nor one with a JSON batch, not looked into before
+        decoding (`split`)."""
         if len(group) <= PART_MOST or self._sightings(group) or any(
                 (route := self._route(m.topic)) is not None and route[1] == "reads"
                 and m.payload[:2] != BINARY_MAGIC for m in group):
