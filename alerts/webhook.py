@@ -159,8 +159,8 @@ class WebhookSender:
                 posted.pop(alert_id, None)
             recorded.clear()
 
-        # The last alerts posted: a fresh one may have been read back, posted and
-        # forgotten before its turn came (a slow receiver, a long list of due rows).
+        # The last FRESH_MOST alerts posted: a fresh one may have been read back,
+        # posted and forgotten before its turn came (a slow receiver, many due rows).
         sent: dict[str, None] = {}
 
         flushing: asyncio.Future[None] | None = None
@@ -172,8 +172,8 @@ class WebhookSender:
                 stopping = asyncio.ensure_future(stop.wait())
                 behind = False
                 try:
-                    due = [row for row in (fresh.popleft() for _ in range(len(fresh)))
-                           if row.alert_id not in sent]
+                    due = [row for row in fresh if row.alert_id not in sent]
+                    fresh.clear()
                     # Retries and what others raised come by the query: at least every
                     # POLL_S while fresh alerts keep coming.
                     if not due or self.clock() - read_ms >= POLL_S * 1000:

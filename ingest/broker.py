@@ -100,14 +100,14 @@ log_dest file {dir}/mosquitto.log
 """
 
 
-def start_broker(kind: str | None = None, port: int | None = None,
-                 own_session: bool = False) -> BrokerHandle:
+def start_broker(kind: str | None = None, port: int | None = None) -> BrokerHandle:
     """Start mosquitto (if installed, or asked for) or amqtt, and wait until it answers.
 
-    With `own_session`, out of our process group: Ctrl-C in a terminal signals the whole
-    group, and the demo's broker then quit at once, before the worker's orderly stop
-    (the worker warned of a lost broker, its health events were not published, and
-    the demo's last line said 4% of stations online where they had all been up)."""
+    Out of our process group, and so ours to stop (`BrokerHandle.stop`): Ctrl-C in a
+    terminal signals the whole group, and the demo's broker quit at once, before the
+    worker's orderly stop (the worker warned of a lost broker, its health events were
+    not published, and the demo's last line said 4% of stations online where they had
+    all been up)."""
     port = port or free_port()
     workdir = tempfile.TemporaryDirectory(prefix="bikewatch-broker-")
     mosquitto = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
@@ -122,7 +122,7 @@ def start_broker(kind: str | None = None, port: int | None = None,
     else:
         cmd = [sys.executable, "-m", "ingest.broker", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=own_session)
+                            start_new_session=True)
     handle = BrokerHandle(kind, port, proc, workdir)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

@@ -78,7 +78,7 @@ def _police(settings: Settings, out: list[dict[str, Any]]) -> paho.Client:
 
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    broker = start_broker(own_session=True)  # stopped last, below
+    broker = start_broker()  # stopped last, below
     tmp = None if args.data else tempfile.TemporaryDirectory(prefix="bikewatch-demo-")
     data = Path(args.data or (tmp.name if tmp else "."))
     await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)

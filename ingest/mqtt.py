@@ -84,14 +84,15 @@ class Wrapped:
 
     def __init__(self, sock: SocketLike) -> None:
         self.sock = sock
+        # TLS: bytes decrypted and not read yet (paho asks before it waits in select,
+        # once a turn of its loop: looked up once)
+        self._inner_pending: Callable[[], int] | None = getattr(sock, "pending", None)
 
     def recv(self, size: int) -> bytes:
         return self.sock.recv(size)
 
     def pending(self) -> int:
-        """TLS: bytes decrypted and not read yet (paho asks before it waits in select)."""
-        pending: Callable[[], int] | None = getattr(self.sock, "pending", None)
-        return 0 if pending is None else pending()
+        return 0 if self._inner_pending is None else self._inner_pending()
 
     def send(self, buffer: bytes | bytearray) -> int:
         return self.sock.send(buffer)
@@ -158,8 +159,6 @@ class ReadAhead(Wrapped):
         super().__init__(sock)
         self._buf = b""
         self._pos = 0
-        # TLS: bytes decrypted and not read yet (paho asks once a packet: look it up once)
-        self._inner_pending: Callable[[], int] | None = getattr(sock, "pending", None)
 
     def recv(self, size: int) -> bytes:
         if self._pos >= len(self._buf):
@@ -194,8 +193,7 @@ class ReadAhead(Wrapped):
         self._pos = pos
 
     def pending(self) -> int:
-        held = len(self._buf) - self._pos
-        return held if self._inner_pending is None else held + self._inner_pending()
+        return len(self._buf) - self._pos + super().pending()
 
 
 class ReadsClient(paho.Client):

@@ -49,6 +49,19 @@ async def _pending(engine: AsyncEngine, n: int, channel: str | None = None) -> l
             for r in rows]
 
 
+async def _delivered(engine: AsyncEngine, at_least: int = 0, within_s: float = 0) -> int:
+    """Deliveries recorded as delivered; with `within_s`, once `at_least` are (or the
+    time is up)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        async with engine.connect() as conn:
+            count = int((await conn.execute(select(func.count()).where(
+                Delivery.delivered_ms.is_not(None)))).scalar_one())
+        if count >= at_least or asyncio.get_running_loop().time() >= deadline:
+            return count
+        await asyncio.sleep(0.05)
+
+
 def _count_commits(engine: AsyncEngine) -> list[int]:
     commits = [0]
 
@@ -110,14 +123,10 @@ async def test_posts_waiting_to_be_recorded_hold_back_no_other_alert(
     await asyncio.sleep(0.3)  # a second copy would have come by now
     ids = [h["webhook-id"] for h, _ in receiver.delivered()]
     assert sorted(ids) == sorted(a.alert_id for a in raised)
-    async with engine.connect() as conn:
-        assert (await conn.execute(select(func.count()).where(
-            Delivery.delivered_ms.is_not(None)))).scalar_one() == 0
+    assert await _delivered(engine) == 0
     stop.set()
     await asyncio.wait_for(task, 70)
-    async with engine.connect() as conn:
-        assert (await conn.execute(select(func.count()).where(
-            Delivery.delivered_ms.is_not(None)))).scalar_one() == n
+    assert await _delivered(engine) == n
 
 
 async def test_committed_alerts_are_published_before_the_loop_turns(
@@ -181,12 +190,6 @@ async def test_an_alert_is_published_when_the_broker_acknowledges_it(
     assert marks == acked
 
 
-async def _delivered(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
-        return int((await conn.execute(select(func.count()).where(
-            Delivery.delivered_ms.is_not(None)))).scalar_one())
-
-
 async def test_committed_alerts_are_posted_without_reading_them_back(
         engine: AsyncEngine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """`notify` hands the webhook loop the alerts just committed: posted without the
@@ -213,10 +216,7 @@ async def test_committed_alerts_are_posted_without_reading_them_back(
     assert reads[0] == 2
     assert sorted(h["webhook-id"] for h, _ in receiver.delivered()) == sorted(
         a.alert_id for a in raised)  # and none to the other zone's webhook
-    deadline = asyncio.get_running_loop().time() + 5
-    while await _delivered(engine) < 3 and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    assert await _delivered(engine) == 3
+    assert await _delivered(engine, 3, within_s=5) == 3
     stop.set()
     await task
 
@@ -233,9 +233,7 @@ async def test_an_alert_read_back_and_posted_is_not_posted_again_when_notified(
     stop = asyncio.Event()
     task = asyncio.create_task(sender.run(stop))
     assert await until(lambda: len(receiver.delivered()) == 1, 5)
-    deadline = asyncio.get_running_loop().time() + 5
-    while await _delivered(engine) < 1 and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
+    await _delivered(engine, 1, within_s=5)
     sender.notify(raised)
     await asyncio.sleep(0.5)
     stop.set()

@@ -191,19 +191,22 @@ async def test_an_alert_leaves_when_published_not_when_its_puback_is_awaited(
 async def test_the_publishing_connection_acknowledges_what_it_receives_at_once(
         broker: BrokerHandle, tmp_path: Path) -> None:
     """Its socket asks for quick acknowledgements after every read, and sends without
-    Nagle's delay: a PUBACK is not held back for the one before (`QuickAck`)."""
-    if not hasattr(socket, "TCP_QUICKACK"):
-        pytest.skip("TCP_QUICKACK is Linux's")
+    Nagle's delay: a PUBACK is not held back for the one before (`QuickAck`).
+    TCP_QUICKACK is Linux's (this project's machines and CI); elsewhere its alerts
+    still go out, without it."""
     settings = settings_for(broker, f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
     link = await _linked(settings)
+    quick = getattr(socket, "TCP_QUICKACK", None)
     try:
         sock = link.out.socket()
         assert isinstance(sock, QuickAck) and isinstance(sock.sock, socket.socket)
         assert sock.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         for n in range(3):
-            sock.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            if quick is not None:
+                sock.sock.setsockopt(socket.IPPROTO_TCP, quick, 0)
             await asyncio.wait_for(link.publish(f"{settings.mqtt_root}/alerts/z", b"{}"), 5)
-            assert sock.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), n
+            if quick is not None:
+                assert sock.sock.getsockopt(socket.IPPROTO_TCP, quick), n
     finally:
         link.stop()
 
