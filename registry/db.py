@@ -124,19 +124,14 @@ class Turn:
     async def __aexit__(self, *_: object) -> None:
         self.release()
 
-    def first(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return _First(self)
-
-
-class _First:
-    def __init__(self, turn: Turn) -> None:
-        self.turn = turn
-
-    async def __aenter__(self) -> None:
-        await self.turn.acquire(first=True)
-
-    async def __aexit__(self, *_: object) -> None:
-        self.turn.release()
+    @contextlib.asynccontextmanager
+    async def first(self) -> AsyncIterator[None]:
+        """The turn, ahead of all who wait for it."""
+        await self.acquire(first=True)
+        try:
+            yield
+        finally:
+            self.release()
 
 
 class _NoTurn(Turn):
