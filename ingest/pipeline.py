@@ -3,7 +3,8 @@
     split       the messages of stations that heard a stolen tag first, as a group
                 of their own (the express lane); those that come while a take is
                 stored, in the transaction in hand, which then ends after the part it
-                writes (`hold`, `parts`)
+                writes, or gives that part up when it is early (`hold`, `parts`,
+                `_Preempted`)
     decode      every payload into a ReadBatch, or a rejection with its reason
     dedupe      drop (station, boot, seq) seen before: memory window, then the
                 seen_batches table (the database decides; the window saves a trip)
@@ -80,6 +81,9 @@ PULL_MOST = 64
 # meanwhile waited for all of it. A transaction for every part cost the worker a
 # tenth of what it carried: each commit writes the same index pages to the log again.
 PART_MOST = 250
+# A part is given up for sightings (`_Preempted`) at most this many times: a steady run
+# of them would otherwise keep it from ever being written.
+PREEMPT_MOST = 3
 # Every group's statements, built once (registry.sql's note says why).
 _LOG_SEGMENTS = insert(VisitLog)
 _KEEP_REJECTS = insert(RejectRecord)
@@ -159,6 +163,19 @@ class Decoded:
     # What decoding counted (rejects, repeats within the memory window): each attempt
     # to store starts from a copy of it.
     counted: GroupResult = field(default_factory=GroupResult)
+    # The stolen snapshot's version with which every read batch of it was looked into
+    # and none held a stolen tag (-1: not known, as for a JSON batch): it may then be
+    # given up for a sighting held meanwhile (`_Preempted`).
+    clean_at: int = -1
+    preempted: int = 0  # times it was given up so (at most `PREEMPT_MOST`)
+
+
+class _Preempted(Exception):
+    """A sighting was held while a part with no stolen tag was still early in its
+    writing (its fold not begun): the part is rolled back to a savepoint, the
+    sighting written and committed in its place, and the part stored again after it
+    (`Pipeline._write`). What that wastes is the part's dedupe keys and its match;
+    what it saves the sighting is waiting for the rest of the part, most of it."""
 
 
 class Pipeline:
@@ -240,6 +257,10 @@ class Pipeline:
                 continue
             keys.add(key)
             out.batches.append((batch, m.received_ms, m.payload))
+        version = self.holder.current.version
+        if all(m.looked == version and not m.sighting and m.payload[:2] == BINARY_MAGIC
+               for m, _ in reads):  # a JSON batch is not looked into (`split`)
+            out.clean_at = version
         return out
 
     def _route(self, topic: str) -> tuple[str, str, bool] | None:
@@ -382,7 +403,7 @@ class Pipeline:
         order: where its transaction may end for a sighting held meanwhile (`store`).
 
         Only a group where no read batch may hold a stolen tag is cut: the sighting,
-        written after the part in hand (or before the first, Worker._group), goes
+        written after the part in hand (or before it, `_Preempted`), goes
         before its station's messages in the parts after it, and only reads of bikes
         not stolen may be folded out of order (older reads join the visit open at their
         station, VisitTracker.fold; an alert would be dated by the newer ones). So not
@@ -404,9 +425,9 @@ class Pipeline:
     async def store(self, *parts: Decoded, held: bool = False) -> GroupResult:
         """Write and commit decoded parts of a take, in order, and with `held` the
         sightings held meanwhile (`hold`); what they changed, together. With `held`,
-        the transaction ends after the part in hand once a sighting is held, and
-        writes it then: `parts` in the result says how many were written, and the
-        caller stores the rest again. Raises on a database
+        the transaction ends after the part in hand once a sighting is held (or
+        without it, `_Preempted`), and writes the sighting then: `parts` in the result
+        says how many were written, and the caller stores the rest again. Raises on a database
         error, with the in-memory state unchanged (the held sightings held again), so
         that the caller can retry with the same group.
 
@@ -441,14 +462,23 @@ class Pipeline:
     def _write(self, conn: Connection, parts: tuple[Decoded, ...], taken: list[Decoded] | None,
                ) -> list[tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]]:
         """The transaction: the parts, then, where `taken` is given, the sightings held
-        meanwhile (each put in `taken`), after the part in hand once one is held; for
+        meanwhile (each put in `taken`), after the part in hand once one is held, or
+        instead of it where it gave itself up (`_Preempted`, to a savepoint); for
         each part written, what it changed and its new batches. Held sightings are
         taken here, as late as can be: some came during these parts; those held while
         they are written wait for the next transaction, so that a run of sightings does
         not keep the first one's commit waiting (one took 26 ms more, probed)."""
         written = []
         for decoded in parts:
-            written.append(self._write_group(conn, decoded))
+            if taken is not None and self._preemptible(decoded):
+                try:
+                    with conn.begin_nested():
+                        written.append(self._write_group(conn, decoded, preempt=True))
+                except _Preempted:
+                    decoded.preempted += 1
+                    break  # rolled back to before it: the sighting goes next
+            else:
+                written.append(self._write_group(conn, decoded))
             if taken is not None and self._held:
                 break  # a sighting waits: the transaction ends with it
         if taken is not None:
@@ -457,13 +487,26 @@ class Pipeline:
                 written.append(self._write_group(conn, taken[-1]))
         return written
 
-    def _write_group(self, conn: Connection, decoded: Decoded,
+    def _preemptible(self, decoded: Decoded) -> bool:
+        """Whether `decoded` may be given up for a sighting held meanwhile
+        (`_Preempted`): none of its batches holds a stolen tag, so a newer sighting may
+        be written before it, and it was not given up too often."""
+        return (decoded.preempted < PREEMPT_MOST
+                and decoded.clean_at == self.holder.current.version)
+
+    def _write_group(self, conn: Connection, decoded: Decoded, preempt: bool = False,
                      ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:
+        """One part's writes. With `preempt`, a sighting held before its costliest steps
+        (the fold, the visit log row) makes it give up (`_Preempted`, before anything
+        in memory changed): the sighting then waits for the steps in hand only, not
+        for the rest of the part."""
         result = decoded.counted.copy()  # a retry starts again from what decoding found
+        if preempt and self._held:
+            raise _Preempted
         batches = self._dedupe(conn, decoded.batches, result)
         self._stations(conn, decoded, batches, result)
         if batches:
-            self._reads(conn, batches, result)
+            self._reads(conn, batches, result, preempt)
         if decoded.rejects:
             conn.execute(_KEEP_REJECTS, decoded.rejects)
         return result, batches
@@ -502,7 +545,7 @@ class Pipeline:
             result.unknown_recorded += unknown
 
     def _reads(self, conn: Connection, batches: list[tuple[ReadBatch, int, bytes]],
-                     result: GroupResult) -> None:
+               result: GroupResult, preempt: bool = False) -> None:
         lengths = np.array([len(b) for b, _, _ in batches], dtype=np.int64)
         reads = gather([b for b, _, _ in batches])
         tag, ts, rssi, flags = reads.tag, reads.ts_ms, reads.rssi, reads.flags
@@ -514,10 +557,12 @@ class Pipeline:
         result.skewed = sum(b.skewed for b, _, _ in batches)
         if not len(tag):
             return
-        segs = self.tracker.fold(tag, station, ts, rssi)
         snapshot = self.holder.current
-        self.vehicles.at_version(snapshot.version)
         read_idx, entry = snapshot.match(tag)  # the one membership test of the group
+        if preempt and self._held and not len(read_idx):
+            raise _Preempted
+        segs = self.tracker.fold(tag, station, ts, rssi)
+        self.vehicles.at_version(snapshot.version)
         stolen = np.zeros(len(segs), dtype=np.bool_)
         stolen[segs.read_seg[read_idx]] = True
         key_first = self._write_visits(conn, segs, stolen)

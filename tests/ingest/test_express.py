@@ -19,7 +19,7 @@ from ingest.broker import BrokerHandle
 from ingest.clock import wall_ms
 from ingest.codec import encode_binary, encode_json
 from ingest.mqtt import Inbox, MqttLink
-from ingest.pipeline import EXPRESS_MIN_REST, PART_MOST, PULL_MOST, Inbound
+from ingest.pipeline import EXPRESS_MIN_REST, PART_MOST, PREEMPT_MOST, PULL_MOST, Inbound
 from ingest.service import Worker
 from ingest.visitlog import drain
 from registry.db import open_database
@@ -500,3 +500,77 @@ async def test_sightings_held_while_held_ones_are_written_wait_for_the_next_tran
     two = await worker.pipeline.store(held=True)
     assert (two.batches, len(two.alerts)) == (1, 0)  # the same visit: no new alert
     assert not worker.pipeline.holding
+
+
+def _looked(w: Worker, msgs: list[Inbound]) -> list[Inbound]:
+    """`msgs` looked into for stolen tags, as `split` and the watcher do."""
+    assert w.pipeline.pull_sightings(msgs, 0) == []  # none holds one
+    return msgs
+
+
+async def test_a_sighting_held_early_in_a_part_without_stolen_tags_goes_ahead_of_it(
+        broker: BrokerHandle, db_url: str) -> None:
+    """Held while the first part of a transaction is still early in its writing (its
+    dedupe keys in, its fold not yet begun), a sighting makes it give up: the part is
+    rolled back (to a savepoint), the sighting committed alone, and the part written
+    whole the next time, its keys not taken for repeats."""
+    worker = await _worker(broker, db_url)
+    try:
+        await _given_up_once(worker)
+    finally:
+        await worker.engine.dispose()
+
+
+async def _given_up_once(worker: Worker) -> None:
+    t = _town(worker)
+    t.crowd(PART_MOST)
+    part = worker.pipeline.decode(_looked(worker, t.msgs))
+    sighting = worker.pipeline.decode([t.batch(THEFT_SEEN, [STOLEN])])
+    dedupe, came = worker.pipeline._dedupe, list[bool]()
+
+    def arrives(*args: Any) -> Any:
+        kept = dedupe(*args)
+        if not came:
+            came.append(True)
+            worker.pipeline._held.append(sighting)
+        return kept
+
+    worker.pipeline._dedupe = arrives  # type: ignore[method-assign]
+    first = await worker.pipeline.store(part, held=True)
+    assert (first.parts, first.batches, [a.received_ms for a in first.alerts]) == (
+        0, 1, [t.msgs[-1].received_ms])
+    assert worker.registry.get_sample_value("bikewatch_batches_total") == 1
+    assert len(worker.pipeline.tracker) == 1  # only the sighting's bike is open
+    again = await worker.pipeline.store(part, held=True)
+    assert (again.parts, again.batches, again.duplicates) == (1, PART_MOST, 0)
+    await drain(worker.engine)
+    visits, _ = await _stored(worker)
+    assert sum(v[4] for v in visits) == 3 * PART_MOST + 1  # every read, once
+
+
+async def test_a_part_is_given_up_for_sightings_only_so_often(worker: Worker) -> None:
+    """A steady run of sightings does not keep a part from ever being written; a part
+    that may hold a stolen tag (not looked into, or JSON, which is not) is never given
+    up."""
+    t = _town(worker, seq0=100)
+    t.crowd(40)
+    part = worker.pipeline.decode(_looked(worker, t.msgs))
+    dedupe = worker.pipeline._dedupe
+
+    def arrives(*args: Any) -> Any:
+        kept = dedupe(*args)
+        if len(args[1]) > 1:  # the part's, not a sighting's
+            worker.pipeline.hold([t.batch(THEFT_SEEN, [STOLEN, len(t.msgs)])])
+        return kept
+
+    worker.pipeline._dedupe = arrives  # type: ignore[method-assign]
+    written = [(await worker.pipeline.store(part, held=True)).parts
+               for _ in range(PREEMPT_MOST + 1)]
+    assert written == [0] * PREEMPT_MOST + [1]
+    unlooked, text = _town(worker, seq0=500), _town(worker, seq0=600)
+    unlooked.crowd(40)
+    for i in range(40):
+        text.batch(f"X-{i}", [4000 + i], json=True)
+    for decoded in (worker.pipeline.decode(unlooked.msgs),
+                    worker.pipeline.decode(_looked(worker, text.msgs))):
+        assert (await worker.pipeline.store(decoded, held=True)).parts == 1
