@@ -168,6 +168,7 @@ class Decoded:
     # given up for a sighting held meanwhile (`_Preempted`).
     clean_at: int = -1
     preempted: int = 0  # times it was given up so (at most `PREEMPT_MOST`)
+    stations: set[str] = field(default_factory=set)  # of its batches (`_give_way`)
 
 
 class _Preempted(Exception):
@@ -176,6 +177,10 @@ class _Preempted(Exception):
     sighting written and committed in its place, and the part stored again after it
     (`Pipeline._write`). What that wastes is the part's dedupe keys and its match;
     what it saves the sighting is waiting for the rest of the part, most of it."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__(held)
+        self.held = held  # how many of the held sightings it gave way to
 
 
 class Pipeline:
@@ -257,6 +262,7 @@ class Pipeline:
                 continue
             keys.add(key)
             out.batches.append((batch, m.received_ms, m.payload))
+            out.stations.add(station)
         version = self.holder.current.version
         if all(m.looked == version and not m.sighting and m.payload[:2] == BINARY_MAGIC
                for m, _ in reads):  # a JSON batch is not looked into (`split`)
@@ -469,30 +475,40 @@ class Pipeline:
         they are written wait for the next transaction, so that a run of sightings does
         not keep the first one's commit waiting (one took 26 ms more, probed)."""
         written = []
+        most = None  # of the held sightings to take; None: all there are
         for decoded in parts:
             if taken is not None and self._preemptible(decoded):
                 try:
                     with conn.begin_nested():
                         written.append(self._write_group(conn, decoded, preempt=True))
-                except _Preempted:
+                except _Preempted as gave_way:
                     decoded.preempted += 1
-                    break  # rolled back to before it: the sighting goes next
+                    most = gave_way.held
+                    break  # rolled back to before it: the sightings go next
             else:
                 written.append(self._write_group(conn, decoded))
             if taken is not None and self._held:
                 break  # a sighting waits: the transaction ends with it
         if taken is not None:
-            for _ in range(len(self._held)):
+            for _ in range(len(self._held) if most is None else most):
                 taken.append(self._held.popleft())
                 written.append(self._write_group(conn, taken[-1]))
         return written
 
     def _preemptible(self, decoded: Decoded) -> bool:
         """Whether `decoded` may be given up for a sighting held meanwhile
-        (`_Preempted`): none of its batches holds a stolen tag, so a newer sighting may
-        be written before it, and it was not given up too often."""
+        (`_Preempted`, `_give_way`): none of its batches holds a stolen tag, so that a
+        newer sighting may be written before it, and it was not given up too often."""
         return (decoded.preempted < PREEMPT_MOST
                 and decoded.clean_at == self.holder.current.version)
+
+    def _give_way(self, decoded: Decoded) -> None:
+        """Raise `_Preempted` if sightings are held and none is of a station with batches
+        in `decoded`: written before them, a station's reads would fold out of order
+        (a visit's key is its first read: the newer one would be kept)."""
+        held = list(self._held)
+        if held and not any(d.stations & decoded.stations for d in held):
+            raise _Preempted(len(held))
 
     def _write_group(self, conn: Connection, decoded: Decoded, preempt: bool = False,
                      ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:
@@ -501,12 +517,12 @@ class Pipeline:
         in memory changed): the sighting then waits for the steps in hand only, not
         for the rest of the part."""
         result = decoded.counted.copy()  # a retry starts again from what decoding found
-        if preempt and self._held:
-            raise _Preempted
+        if preempt:
+            self._give_way(decoded)
         batches = self._dedupe(conn, decoded.batches, result)
         self._stations(conn, decoded, batches, result)
         if batches:
-            self._reads(conn, batches, result, preempt)
+            self._reads(conn, batches, result, decoded if preempt else None)
         if decoded.rejects:
             conn.execute(_KEEP_REJECTS, decoded.rejects)
         return result, batches
@@ -545,7 +561,9 @@ class Pipeline:
             result.unknown_recorded += unknown
 
     def _reads(self, conn: Connection, batches: list[tuple[ReadBatch, int, bytes]],
-               result: GroupResult, preempt: bool = False) -> None:
+               result: GroupResult, preempt: Decoded | None = None) -> None:
+        """The reads of a part's new batches, stored; `preempt` (the part) may give way to
+        sightings held meanwhile until its fold begins (`_give_way`)."""
         lengths = np.array([len(b) for b, _, _ in batches], dtype=np.int64)
         reads = gather([b for b, _, _ in batches])
         tag, ts, rssi, flags = reads.tag, reads.ts_ms, reads.rssi, reads.flags
@@ -559,8 +577,8 @@ class Pipeline:
             return
         snapshot = self.holder.current
         read_idx, entry = snapshot.match(tag)  # the one membership test of the group
-        if preempt and self._held and not len(read_idx):
-            raise _Preempted
+        if preempt is not None and not len(read_idx):
+            self._give_way(preempt)
         segs = self.tracker.fold(tag, station, ts, rssi)
         self.vehicles.at_version(snapshot.version)
         stolen = np.zeros(len(segs), dtype=np.bool_)

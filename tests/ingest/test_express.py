@@ -567,6 +567,24 @@ async def test_a_part_is_given_up_for_sightings_only_so_often(worker: Worker) ->
     written = [(await worker.pipeline.store(part, held=True)).parts
                for _ in range(PREEMPT_MOST + 1)]
     assert written == [0] * PREEMPT_MOST + [1]
+
+
+async def test_a_sighting_does_not_overtake_its_own_stations_batches(worker: Worker) -> None:
+    """A part with a batch of the held sighting's station is not given up for it:
+    written after the sighting, that station's older reads would join the visit the
+    sighting opened, under the newer read's time."""
+    t = _town(worker)
+    t.crowd(30)
+    older = t.batch(THEFT_SEEN, [5])
+    t.crowd(30)
+    part = worker.pipeline.decode(_looked(worker, t.msgs))
+    worker.pipeline.hold([t.batch(THEFT_SEEN, [STOLEN, 5])])
+    result = await worker.pipeline.store(part, held=True)
+    assert (result.parts, result.batches, len(result.alerts)) == (1, 62, 1)
+    visits, _ = await _stored(worker)
+    # The visit's key is the older read's time (Traffic.batch: a read's time is its
+    # batch's received time), not the sighting's.
+    assert [v[2] for v in visits if v[0] == 5 and v[1] == THEFT_SEEN] == [older.received_ms]
     unlooked, text = _town(worker, seq0=500), _town(worker, seq0=600)
     unlooked.crowd(40)
     for i in range(40):
