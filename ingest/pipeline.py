@@ -170,6 +170,17 @@ class Decoded:
     preempted: int = 0  # times it was given up so (at most `PREEMPT_MOST`)
     stations: set[str] = field(default_factory=set)  # of its batches (`_give_way`)
 
+    def of_stations(self, stations: set[str]) -> Decoded:
+        """Its batches of `stations`, in order, as a part of their own, with nothing
+        counted: those that go ahead of the sightings it gives way to (`_Preempted`)."""
+        return Decoded(batches=[b for b in self.batches if b[0].station in stations],
+                       stations=self.stations & stations)
+
+    def drop(self, gone: Decoded) -> None:
+        """Forget the batches of `gone` (`of_stations`), committed before it."""
+        self.batches = [b for b in self.batches if b[0].station not in gone.stations]
+        self.stations -= gone.stations
+
 
 class _Preempted(Exception):
     """A sighting was held while a part with no stolen tag was still early in its
@@ -178,9 +189,10 @@ class _Preempted(Exception):
     (`Pipeline._write`). What that wastes is the part's dedupe keys and its match;
     what it saves the sighting is waiting for the rest of the part, most of it."""
 
-    def __init__(self, held: int) -> None:
-        super().__init__(held)
+    def __init__(self, held: int, stations: set[str]) -> None:
+        super().__init__(held, stations)
         self.held = held  # how many of the held sightings it gave way to
+        self.stations = stations  # theirs that have batches in the part: those go first
 
 
 class Pipeline:
@@ -443,15 +455,18 @@ class Pipeline:
         changed here, in the event loop's thread, once it committed."""
         saved = self.tracker.saved()
         taken: list[Decoded] = []  # held sightings the transaction took, in order
+        ahead: list[Decoded] = []  # batches of a part that gave way, written before them
         try:
             written = await in_transaction(self.engine, self._write, parts,
-                                           taken if held else None)
+                                           taken if held else None, ahead)
         except BaseException:
             self.tracker.restore(saved)
             self._held.extendleft(reversed(taken))
             raise
-        total = GroupResult(parts=len(written) - len(taken))
-        done = [*parts[:total.parts], *taken]
+        total = GroupResult(parts=len(written) - len(ahead) - len(taken))
+        done = [*parts[:total.parts], *ahead, *taken]
+        for gone in ahead:
+            parts[total.parts].drop(gone)
         for part, (result, batches) in zip(done, written, strict=True):
             self._heard(part, batches)
             for key in result.alerted:
@@ -466,11 +481,13 @@ class Pipeline:
         return total
 
     def _write(self, conn: Connection, parts: tuple[Decoded, ...], taken: list[Decoded] | None,
+               ahead: list[Decoded],
                ) -> list[tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]]:
         """The transaction: the parts, then, where `taken` is given, the sightings held
         meanwhile (each put in `taken`), after the part in hand once one is held, or
-        instead of it where it gave itself up (`_Preempted`, to a savepoint); for
-        each part written, what it changed and its new batches. Held sightings are
+        instead of it where it gave way (`_Preempted`, to a savepoint), its batches of
+        their stations before them (put in `ahead`); for each part written, what it
+        changed and its new batches. Held sightings are
         taken here, as late as can be: some came during these parts; those held while
         they are written wait for the next transaction, so that a run of sightings does
         not keep the first one's commit waiting (one took 26 ms more, probed)."""
@@ -484,6 +501,9 @@ class Pipeline:
                 except _Preempted as gave_way:
                     decoded.preempted += 1
                     most = gave_way.held
+                    if gave_way.stations:  # so that those stations' reads fold in order
+                        ahead.append(decoded.of_stations(gave_way.stations))
+                        written.append(self._write_group(conn, ahead[-1]))
                     break  # rolled back to before it: the sightings go next
             else:
                 written.append(self._write_group(conn, decoded))
@@ -503,12 +523,14 @@ class Pipeline:
                 and decoded.clean_at == self.holder.current.version)
 
     def _give_way(self, decoded: Decoded) -> None:
-        """Raise `_Preempted` if sightings are held and none is of a station with batches
-        in `decoded`: written before them, a station's reads would fold out of order
-        (a visit's key is its first read: the newer one would be kept)."""
+        """Raise `_Preempted` if sightings are held, naming their stations that have
+        batches in `decoded`: those go before them, or that station's older reads
+        would fold after its newer ones, into the visit they opened, under the newer
+        read's time (VisitTracker.fold)."""
         held = list(self._held)
-        if held and not any(d.stations & decoded.stations for d in held):
-            raise _Preempted(len(held))
+        if held:
+            raise _Preempted(len(held),
+                             decoded.stations & {s for d in held for s in d.stations})
 
     def _write_group(self, conn: Connection, decoded: Decoded, preempt: bool = False,
                      ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:

@@ -567,24 +567,6 @@ async def test_a_part_is_given_up_for_sightings_only_so_often(worker: Worker) ->
     written = [(await worker.pipeline.store(part, held=True)).parts
                for _ in range(PREEMPT_MOST + 1)]
     assert written == [0] * PREEMPT_MOST + [1]
-
-
-async def test_a_sighting_does_not_overtake_its_own_stations_batches(worker: Worker) -> None:
-    """A part with a batch of the held sighting's station is not given up for it:
-    written after the sighting, that station's older reads would join the visit the
-    sighting opened, under the newer read's time."""
-    t = _town(worker)
-    t.crowd(30)
-    older = t.batch(THEFT_SEEN, [5])
-    t.crowd(30)
-    part = worker.pipeline.decode(_looked(worker, t.msgs))
-    worker.pipeline.hold([t.batch(THEFT_SEEN, [STOLEN, 5])])
-    result = await worker.pipeline.store(part, held=True)
-    assert (result.parts, result.batches, len(result.alerts)) == (1, 62, 1)
-    visits, _ = await _stored(worker)
-    # The visit's key is the older read's time (Traffic.batch: a read's time is its
-    # batch's received time), not the sighting's.
-    assert [v[2] for v in visits if v[0] == 5 and v[1] == THEFT_SEEN] == [older.received_ms]
     unlooked, text = _town(worker, seq0=500), _town(worker, seq0=600)
     unlooked.crowd(40)
     for i in range(40):
@@ -592,3 +574,53 @@ async def test_a_sighting_does_not_overtake_its_own_stations_batches(worker: Wor
     for decoded in (worker.pipeline.decode(unlooked.msgs),
                     worker.pipeline.decode(_looked(worker, text.msgs))):
         assert (await worker.pipeline.store(decoded, held=True)).parts == 1
+
+
+async def test_a_part_that_gives_way_sends_its_batches_of_the_sightings_station_first(
+        worker: Worker) -> None:
+    """A part with a batch of the held sighting's station gives way with that batch
+    going first, in the sighting's transaction: written after the sighting, that
+    station's older reads would join the visit the sighting opened, under the newer
+    read's time."""
+    t = _town(worker)
+    t.crowd(30)
+    older = t.batch(THEFT_SEEN, [5])
+    t.crowd(30)
+    part = worker.pipeline.decode(_looked(worker, t.msgs))
+    worker.pipeline.hold([t.batch(THEFT_SEEN, [STOLEN, 5])])
+    first = await worker.pipeline.store(part, held=True)
+    assert (first.parts, first.batches, len(first.alerts)) == (0, 2, 1)
+    rest = await worker.pipeline.store(part, held=True)
+    assert (rest.parts, rest.batches, rest.duplicates) == (1, 60, 0)
+    visits, _ = await _stored(worker)
+    # The visit's key is the older read's time (Traffic.batch: a read's time is its
+    # batch's received time), not the sighting's.
+    assert [v[2] for v in visits if v[0] == 5 and v[1] == THEFT_SEEN] == [older.received_ms]
+    assert worker.registry.get_sample_value("bikewatch_batches_total") == 62
+
+
+async def test_a_part_that_gave_way_is_whole_again_when_the_transaction_fails(
+        worker: Worker) -> None:
+    """Its batches that went ahead of the sighting leave it only once committed."""
+    t = _town(worker)
+    t.crowd(30)
+    t.batch(THEFT_SEEN, [5])
+    part = worker.pipeline.decode(_looked(worker, t.msgs))
+    worker.pipeline.hold([t.batch(THEFT_SEEN, [STOLEN])])
+    write_group, failed = worker.pipeline._write_group, list[bool]()
+
+    def fail_once(conn: Any, decoded: Any, **preempt: Any) -> Any:
+        done = write_group(conn, decoded, **preempt)
+        if decoded.counted.received == 1 and not failed:  # the sighting's
+            failed.append(True)
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        return done
+
+    worker.pipeline._write_group = fail_once  # type: ignore[method-assign]
+    with pytest.raises(OperationalError):
+        await worker.pipeline.store(part, held=True)
+    assert len(part.batches) == 31 and worker.pipeline.holding
+    first = await worker.pipeline.store(part, held=True)
+    assert (first.parts, first.batches) == (0, 2)
+    assert len(part.batches) == 30 and THEFT_SEEN not in part.stations
+    assert (await worker.pipeline.store(part, held=True)).batches == 30
