@@ -3,8 +3,7 @@
     split       the messages of stations that heard a stolen tag first, as a group
                 of their own (the express lane); those that come while a take is
                 stored, in the transaction in hand, which then ends after the part it
-                writes, or gives that part up when it is early (`hold`, `parts`,
-                `_Preempted`)
+                writes (`hold`, `parts`)
     decode      every payload into a ReadBatch, or a rejection with its reason
     dedupe      drop (station, boot, seq) seen before: memory window, then the
                 seen_batches table (the database decides; the window saves a trip)
@@ -81,9 +80,6 @@ PULL_MOST = 64
 # meanwhile waited for all of it. A transaction for every part cost the worker a
 # tenth of what it carried: each commit writes the same index pages to the log again.
 PART_MOST = 250
-# A part is given up for sightings (`_Preempted`) at most this many times: a steady run
-# of them would otherwise keep it from ever being written.
-PREEMPT_MOST = 3
 # Every group's statements, built once (registry.sql's note says why).
 _LOG_SEGMENTS = insert(VisitLog)
 _KEEP_REJECTS = insert(RejectRecord)
@@ -163,36 +159,6 @@ class Decoded:
     # What decoding counted (rejects, repeats within the memory window): each attempt
     # to store starts from a copy of it.
     counted: GroupResult = field(default_factory=GroupResult)
-    # The stolen snapshot's version with which every read batch of it was looked into
-    # and none held a stolen tag (-1: not known, as for a JSON batch): it may then be
-    # given up for a sighting held meanwhile (`_Preempted`).
-    clean_at: int = -1
-    preempted: int = 0  # times it was given up so (at most `PREEMPT_MOST`)
-    stations: set[str] = field(default_factory=set)  # of its batches (`_give_way`)
-
-    def of_stations(self, stations: set[str]) -> Decoded:
-        """Its batches of `stations`, in order, as a part of their own, with nothing
-        counted: those that go ahead of the sightings it gives way to (`_Preempted`)."""
-        return Decoded(batches=[b for b in self.batches if b[0].station in stations],
-                       stations=self.stations & stations)
-
-    def drop(self, gone: Decoded) -> None:
-        """Forget the batches of `gone` (`of_stations`), committed before it."""
-        self.batches = [b for b in self.batches if b[0].station not in gone.stations]
-        self.stations -= gone.stations
-
-
-class _Preempted(Exception):
-    """A sighting was held while a part with no stolen tag was still early in its
-    writing (its fold not begun): the part is rolled back to a savepoint, the
-    sighting written and committed in its place, and the part stored again after it
-    (`Pipeline._write`). What that wastes is the part's dedupe keys and its match;
-    what it saves the sighting is waiting for the rest of the part, most of it."""
-
-    def __init__(self, held: int, stations: set[str]) -> None:
-        super().__init__(held, stations)
-        self.held = held  # how many of the held sightings it gave way to
-        self.stations = stations  # theirs that have batches in the part: those go first
 
 
 class Pipeline:
@@ -274,11 +240,6 @@ class Pipeline:
                 continue
             keys.add(key)
             out.batches.append((batch, m.received_ms, m.payload))
-            out.stations.add(station)
-        version = self.holder.current.version
-        if all(m.looked == version and not m.sighting and m.payload[:2] == BINARY_MAGIC
-               for m, _ in reads):  # a JSON batch is not looked into (`split`)
-            out.clean_at = version
         return out
 
     def _route(self, topic: str) -> tuple[str, str, bool] | None:
@@ -421,7 +382,7 @@ class Pipeline:
         order: where its transaction may end for a sighting held meanwhile (`store`).
 
         Only a group where no read batch may hold a stolen tag is cut: the sighting,
-        written after the part in hand (or before it, `_Preempted`), goes
+        written after the part in hand (or before the first, Worker._group), goes
         before its station's messages in the parts after it, and only reads of bikes
         not stolen may be folded out of order (older reads join the visit open at their
         station, VisitTracker.fold; an alert would be dated by the newer ones). So not
@@ -443,9 +404,9 @@ class Pipeline:
     async def store(self, *parts: Decoded, held: bool = False) -> GroupResult:
         """Write and commit decoded parts of a take, in order, and with `held` the
         sightings held meanwhile (`hold`); what they changed, together. With `held`,
-        the transaction ends after the part in hand once a sighting is held (or
-        without it, `_Preempted`), and writes the sighting then: `parts` in the result
-        says how many were written, and the caller stores the rest again. Raises on a database
+        the transaction ends after the part in hand once a sighting is held, and
+        writes it then: `parts` in the result says how many were written, and the
+        caller stores the rest again. Raises on a database
         error, with the in-memory state unchanged (the held sightings held again), so
         that the caller can retry with the same group.
 
@@ -455,18 +416,15 @@ class Pipeline:
         changed here, in the event loop's thread, once it committed."""
         saved = self.tracker.saved()
         taken: list[Decoded] = []  # held sightings the transaction took, in order
-        ahead: list[Decoded] = []  # batches of a part that gave way, written before them
         try:
             written = await in_transaction(self.engine, self._write, parts,
-                                           taken if held else None, ahead)
+                                           taken if held else None)
         except BaseException:
             self.tracker.restore(saved)
             self._held.extendleft(reversed(taken))
             raise
-        total = GroupResult(parts=len(written) - len(ahead) - len(taken))
-        done = [*parts[:total.parts], *ahead, *taken]
-        for gone in ahead:
-            parts[total.parts].drop(gone)
+        total = GroupResult(parts=len(written) - len(taken))
+        done = [*parts[:total.parts], *taken]
         for part, (result, batches) in zip(done, written, strict=True):
             self._heard(part, batches)
             for key in result.alerted:
@@ -481,70 +439,31 @@ class Pipeline:
         return total
 
     def _write(self, conn: Connection, parts: tuple[Decoded, ...], taken: list[Decoded] | None,
-               ahead: list[Decoded],
                ) -> list[tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]]:
         """The transaction: the parts, then, where `taken` is given, the sightings held
-        meanwhile (each put in `taken`), after the part in hand once one is held, or
-        instead of it where it gave way (`_Preempted`, to a savepoint), its batches of
-        their stations before them (put in `ahead`); for each part written, what it
-        changed and its new batches. Held sightings are
+        meanwhile (each put in `taken`), after the part in hand once one is held; for
+        each part written, what it changed and its new batches. Held sightings are
         taken here, as late as can be: some came during these parts; those held while
         they are written wait for the next transaction, so that a run of sightings does
         not keep the first one's commit waiting (one took 26 ms more, probed)."""
         written = []
-        most = None  # of the held sightings to take; None: all there are
         for decoded in parts:
-            if taken is not None and self._preemptible(decoded):
-                try:
-                    with conn.begin_nested():
-                        written.append(self._write_group(conn, decoded, preempt=True))
-                except _Preempted as gave_way:
-                    decoded.preempted += 1
-                    most = gave_way.held
-                    if gave_way.stations:  # so that those stations' reads fold in order
-                        ahead.append(decoded.of_stations(gave_way.stations))
-                        written.append(self._write_group(conn, ahead[-1]))
-                    break  # rolled back to before it: the sightings go next
-            else:
-                written.append(self._write_group(conn, decoded))
+            written.append(self._write_group(conn, decoded))
             if taken is not None and self._held:
                 break  # a sighting waits: the transaction ends with it
         if taken is not None:
-            for _ in range(len(self._held) if most is None else most):
+            for _ in range(len(self._held)):
                 taken.append(self._held.popleft())
                 written.append(self._write_group(conn, taken[-1]))
         return written
 
-    def _preemptible(self, decoded: Decoded) -> bool:
-        """Whether `decoded` may be given up for a sighting held meanwhile
-        (`_Preempted`, `_give_way`): none of its batches holds a stolen tag, so that a
-        newer sighting may be written before it, and it was not given up too often."""
-        return (decoded.preempted < PREEMPT_MOST
-                and decoded.clean_at == self.holder.current.version)
-
-    def _give_way(self, decoded: Decoded) -> None:
-        """Raise `_Preempted` if sightings are held, naming their stations that have
-        batches in `decoded`: those go before them, or that station's older reads
-        would fold after its newer ones, into the visit they opened, under the newer
-        read's time (VisitTracker.fold)."""
-        held = list(self._held)
-        if held:
-            raise _Preempted(len(held),
-                             decoded.stations & {s for d in held for s in d.stations})
-
-    def _write_group(self, conn: Connection, decoded: Decoded, preempt: bool = False,
+    def _write_group(self, conn: Connection, decoded: Decoded,
                      ) -> tuple[GroupResult, list[tuple[ReadBatch, int, bytes]]]:
-        """One part's writes. With `preempt`, a sighting held before its costliest steps
-        (the fold, the visit log row) makes it give up (`_Preempted`, before anything
-        in memory changed): the sighting then waits for the steps in hand only, not
-        for the rest of the part."""
         result = decoded.counted.copy()  # a retry starts again from what decoding found
-        if preempt:
-            self._give_way(decoded)
         batches = self._dedupe(conn, decoded.batches, result)
         self._stations(conn, decoded, batches, result)
         if batches:
-            self._reads(conn, batches, result, decoded if preempt else None)
+            self._reads(conn, batches, result)
         if decoded.rejects:
             conn.execute(_KEEP_REJECTS, decoded.rejects)
         return result, batches
@@ -583,9 +502,7 @@ class Pipeline:
             result.unknown_recorded += unknown
 
     def _reads(self, conn: Connection, batches: list[tuple[ReadBatch, int, bytes]],
-               result: GroupResult, preempt: Decoded | None = None) -> None:
-        """The reads of a part's new batches, stored; `preempt` (the part) may give way to
-        sightings held meanwhile until its fold begins (`_give_way`)."""
+                     result: GroupResult) -> None:
         lengths = np.array([len(b) for b, _, _ in batches], dtype=np.int64)
         reads = gather([b for b, _, _ in batches])
         tag, ts, rssi, flags = reads.tag, reads.ts_ms, reads.rssi, reads.flags
@@ -597,12 +514,10 @@ class Pipeline:
         result.skewed = sum(b.skewed for b, _, _ in batches)
         if not len(tag):
             return
-        snapshot = self.holder.current
-        read_idx, entry = snapshot.match(tag)  # the one membership test of the group
-        if preempt is not None and not len(read_idx):
-            self._give_way(preempt)
         segs = self.tracker.fold(tag, station, ts, rssi)
+        snapshot = self.holder.current
         self.vehicles.at_version(snapshot.version)
+        read_idx, entry = snapshot.match(tag)  # the one membership test of the group
         stolen = np.zeros(len(segs), dtype=np.bool_)
         stolen[segs.read_seg[read_idx]] = True
         key_first = self._write_visits(conn, segs, stolen)

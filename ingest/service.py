@@ -274,15 +274,15 @@ class Worker:
     async def _group(self, parts: list[list[Inbound]]) -> None:
         """Store a group, in parts (Pipeline.parts), with the sightings held meanwhile:
         one transaction, but one that ends after the part in hand when a sighting is
-        held, and then another for the rest (Pipeline.store). A part with no stolen
-        tag in hand early in its writing, or not yet begun, is given up for it, and
-        written after it (Pipeline._write).
+        held, and then another for the rest (Pipeline.store); a sighting held before a
+        transaction of a cut group begins goes ahead of its parts, in one of its own.
 
         Alternated probes at 13,000 batches/s (half load, 2026-11-25): police p90 23
         and 24 ms against 31 and 31, p99 46 and 44 against 52 and 54."""
         with self.metrics.group_seconds.time():
             keys: set[tuple[str, int, int]] = set()  # one group: one window for repeats
             todo = collections.deque(parts)
+            cut = len(parts) > 1
             pending: list[Decoded] = []
             while True:
                 # Part by part, the watcher looking in between: a sighting it holds goes
@@ -300,7 +300,12 @@ class Worker:
                         # marks' and health's transactions waiting (registry.db.Turn).
                         async with (self._turn.first() if self.pipeline.holding
                                     else self._turn):
-                            result = await self.pipeline.store(*pending, held=True)
+                            # The parts of a cut group hold no stolen tag (Pipeline.parts):
+                            # a sighting held meanwhile, newer, goes ahead of them,
+                            # committed on its own; otherwise after the part in hand.
+                            ahead = cut and self.pipeline.holding
+                            result = await self.pipeline.store(*([] if ahead else pending),
+                                                               held=True)
                         break
                     except DB_ERRORS as exc:
                         # The database is away: keep the group unacknowledged and try
