@@ -79,20 +79,24 @@ def nodelay(client: paho.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _none_held() -> int:
+    return 0
+
+
 class Wrapped:
     """A connection's socket as paho uses it, with something added by a subclass."""
 
     def __init__(self, sock: SocketLike) -> None:
         self.sock = sock
         # TLS: bytes decrypted and not read yet (paho asks before it waits in select,
-        # once a turn of its loop: looked up once)
-        self._inner_pending: Callable[[], int] | None = getattr(sock, "pending", None)
+        # once a turn of its loop: looked up once; a plain socket holds none)
+        self._inner_pending: Callable[[], int] = getattr(sock, "pending", _none_held)
 
     def recv(self, size: int) -> bytes:
         return self.sock.recv(size)
 
     def pending(self) -> int:
-        return 0 if self._inner_pending is None else self._inner_pending()
+        return self._inner_pending()
 
     def send(self, buffer: bytes | bytearray) -> int:
         return self.sock.send(buffer)
@@ -193,7 +197,7 @@ class ReadAhead(Wrapped):
         self._pos = pos
 
     def pending(self) -> int:
-        return len(self._buf) - self._pos + super().pending()
+        return len(self._buf) - self._pos + self._inner_pending()
 
 
 class ReadsClient(paho.Client):
